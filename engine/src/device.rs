@@ -1,0 +1,120 @@
+//! Where the models run: burn-wgpu on a real GPU, Burn's `flex` CPU backend otherwise. Software
+//! Vulkan/GL adapters (lavapipe, llvmpipe) are correct but far slower than `flex`, so they only run
+//! the models when asked to.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+use burn::tensor::Device;
+use burn::tensor::wgpu::wgpu;
+
+use crate::error::{EngineError, Result};
+
+/// The environment variable that overrides [`Backend::Auto`]: `cpu` or `wgpu`.
+pub const BACKEND_ENV: &str = "STUDIO_BACKEND";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// A GPU through wgpu when one is present, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Wgpu,
+}
+
+impl FromStr for Backend {
+    type Err = EngineError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" | "" => Ok(Self::Auto),
+            "cpu" | "flex" => Ok(Self::Cpu),
+            "wgpu" | "gpu" => Ok(Self::Wgpu),
+            other => Err(EngineError::InvalidRequest(format!(
+                "unknown backend '{other}': use auto, cpu or wgpu"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Cpu => "cpu",
+            Self::Wgpu => "wgpu",
+        })
+    }
+}
+
+/// The device chosen, and what it is in words.
+#[derive(Debug, Clone)]
+pub struct ComputeDevice {
+    pub device: Device,
+    pub backend: Backend,
+    pub description: String,
+}
+
+/// Picks the device for `choice`; `STUDIO_BACKEND` overrides `Auto`.
+pub fn select(choice: Backend) -> Result<ComputeDevice> {
+    let choice = match (choice, std::env::var(BACKEND_ENV)) {
+        (Backend::Auto, Ok(value)) => value.parse()?,
+        (choice, _) => choice,
+    };
+    match choice {
+        Backend::Cpu => Ok(cpu()),
+        Backend::Wgpu => wgpu_device(),
+        Backend::Auto => match hardware_gpu() {
+            Some(name) => wgpu_device().map(|mut d| {
+                d.description = format!("GPU: {name}");
+                d
+            }),
+            None => Ok(cpu()),
+        },
+    }
+}
+
+fn cpu() -> ComputeDevice {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    ComputeDevice {
+        device: Device::flex(),
+        backend: Backend::Cpu,
+        description: format!("CPU ({threads} threads)"),
+    }
+}
+
+/// Burn's wgpu runtime can be initialised once per process; every later request reuses it.
+fn wgpu_device() -> Result<ComputeDevice> {
+    static RUNTIME: OnceLock<Result<Device, String>> = OnceLock::new();
+    let device = RUNTIME
+        .get_or_init(|| {
+            Device::wgpu_options()
+                .init()
+                .map_err(|e| format!("no usable wgpu adapter: {e}"))
+        })
+        .clone()
+        .map_err(EngineError::Backend)?;
+    Ok(ComputeDevice {
+        device,
+        backend: Backend::Wgpu,
+        description: "GPU (wgpu)".into(),
+    })
+}
+
+/// The name of the first adapter that is real hardware, if any.
+fn hardware_gpu() -> Option<String> {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    adapters.into_iter().map(|a| a.get_info()).find_map(|info| {
+        matches!(
+            info.device_type,
+            wgpu::DeviceType::DiscreteGpu
+                | wgpu::DeviceType::IntegratedGpu
+                | wgpu::DeviceType::VirtualGpu
+        )
+        .then_some(info.name)
+    })
+}

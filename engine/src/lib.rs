@@ -1,0 +1,20 @@
+//! The studio's latent-diffusion engine: Stable Diffusion 1.x/2.x on Burn — CLIP text encoder,
+//! UNet denoiser and VAE — loaded from the checkpoints artists have (diffusers folders and
+//! single-file `.safetensors`), on the GPU through wgpu or on the CPU through Burn's `flex`.
+//! It has no GUI dependency; the studio talks to it through plain data.
+
+pub mod checkpoint;
+pub mod device;
+pub mod error;
+pub mod family;
+pub mod models;
+pub mod noise;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;
+
+pub use burn::module::Module;
+pub use burn::tensor::{Device, Distribution, Int, Tensor};
+pub use checkpoint::{Checkpoint, StableDiffusion, load_taesd};
+pub use error::{EngineError, Result};
+pub use family::{ModelFamily, PredictionType};

@@ -1,0 +1,184 @@
+//! Building blocks shared by the CLIP, UNet and VAE modules: layer constructors with PyTorch's
+//! defaults, diffusers' `Attention` (attention_processor.py) and multi-head scaled dot-product
+//! attention on Burn's fused `attention` op.
+
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{
+    GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d,
+};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Device, Tensor};
+
+/// A `k×k` convolution with symmetric `padding`.
+pub fn conv2d(
+    channels: [usize; 2],
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    bias: bool,
+    device: &Device,
+) -> Conv2d {
+    Conv2dConfig::new(channels, [kernel, kernel])
+        .with_stride([stride, stride])
+        .with_padding(PaddingConfig2d::Explicit(
+            padding, padding, padding, padding,
+        ))
+        .with_bias(bias)
+        .init(device)
+}
+
+pub fn linear(d_input: usize, d_output: usize, bias: bool, device: &Device) -> Linear {
+    LinearConfig::new(d_input, d_output)
+        .with_bias(bias)
+        .init(device)
+}
+
+pub fn group_norm(groups: usize, channels: usize, eps: f64, device: &Device) -> GroupNorm {
+    GroupNormConfig::new(groups, channels)
+        .with_epsilon(eps)
+        .init(device)
+}
+
+/// Group norms need every level's channel count to split into `groups` equal groups.
+pub fn check_groups(channels: &[usize], groups: usize) -> Result<(), String> {
+    match channels.iter().find(|&&c| groups == 0 || c % groups != 0) {
+        Some(c) => Err(format!("{c} channels cannot be split into {groups} norm groups")),
+        None => Ok(()),
+    }
+}
+
+pub fn layer_norm(dim: usize, eps: f64, device: &Device) -> LayerNorm {
+    LayerNormConfig::new(dim).with_epsilon(eps).init(device)
+}
+
+/// Multi-head scaled dot-product attention, softmax(QKᵀ/√d)V.
+///
+/// # Shapes
+/// q: [batch, len_q, heads·d], k and v: [batch, len_kv, heads·d] → [batch, len_q, heads·d]
+pub fn multi_head_attention(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    heads: usize,
+    causal: bool,
+) -> Tensor<3> {
+    let [batch, len_q, width] = q.dims();
+    let len_kv = k.dims()[1];
+    assert_eq!(
+        k.dims(),
+        [batch, len_kv, width],
+        "key shape differs from query"
+    );
+    assert_eq!(
+        v.dims(),
+        [batch, len_kv, width],
+        "value shape differs from key"
+    );
+    assert_eq!(
+        width % heads,
+        0,
+        "width {width} not divisible by {heads} heads"
+    );
+    let split = |x: Tensor<3>, len: usize| {
+        x.reshape([batch, len, heads, width / heads])
+            .swap_dims(1, 2)
+    };
+    let options = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: causal,
+    };
+    attention(
+        split(q, len_q),
+        split(k, len_kv),
+        split(v, len_kv),
+        None,
+        None,
+        options,
+    )
+    .swap_dims(1, 2)
+    .reshape([batch, len_q, width])
+}
+
+/// diffusers' `Attention`: q/k/v projections, multi-head attention, an output projection, and for
+/// the VAE's spatial attention a group norm in front and the residual added back.
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub group_norm: Option<GroupNorm>,
+    pub to_q: Linear,
+    pub to_k: Linear,
+    pub to_v: Linear,
+    /// `to_out.0` in the checkpoint (`to_out.1` is a parameterless dropout).
+    pub to_out: Vec<Linear>,
+    pub heads: usize,
+}
+
+/// How an [`Attention`] is shaped.
+#[derive(Debug, Clone)]
+pub struct AttentionConfig {
+    pub query_dim: usize,
+    /// Width of the context attended to (the text embedding for cross-attention).
+    pub context_dim: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// q/k/v carry a bias (the VAE) or not (the UNet transformer blocks).
+    pub qkv_bias: bool,
+    /// Groups and epsilon of the spatial group norm (the VAE's mid-block attention).
+    pub group_norm: Option<(usize, f64)>,
+}
+
+impl AttentionConfig {
+    pub fn init(&self, device: &Device) -> Attention {
+        let inner = self.heads * self.head_dim;
+        Attention {
+            group_norm: self
+                .group_norm
+                .map(|(groups, eps)| group_norm(groups, self.query_dim, eps, device)),
+            to_q: linear(self.query_dim, inner, self.qkv_bias, device),
+            to_k: linear(self.context_dim, inner, self.qkv_bias, device),
+            to_v: linear(self.context_dim, inner, self.qkv_bias, device),
+            to_out: vec![linear(inner, self.query_dim, true, device)],
+            heads: self.heads,
+        }
+    }
+}
+
+impl Attention {
+    /// Token attention: self-attention when `context` is `None`.
+    ///
+    /// # Shapes
+    /// x: [batch, tokens, query_dim], context: [batch, context_tokens, context_dim]
+    /// → [batch, tokens, query_dim]
+    pub fn forward(&self, x: Tensor<3>, context: Option<Tensor<3>>) -> Tensor<3> {
+        let context = context.unwrap_or_else(|| x.clone());
+        let q = self.to_q.forward(x);
+        let k = self.to_k.forward(context.clone());
+        let v = self.to_v.forward(context);
+        let out = multi_head_attention(q, k, v, self.heads, false);
+        self.to_out[0].forward(out)
+    }
+
+    /// Spatial self-attention over the pixels of a feature map, with the residual added back (the
+    /// VAE mid-block attention).
+    ///
+    /// # Shapes
+    /// x: [batch, channels, height, width] → same
+    pub fn forward_spatial(&self, x: Tensor<4>) -> Tensor<4> {
+        let [batch, channels, height, width] = x.dims();
+        let norm = self
+            .group_norm
+            .as_ref()
+            .expect("spatial attention has a group norm");
+        let tokens = norm
+            .forward(x.clone())
+            .reshape([batch, channels, height * width])
+            .swap_dims(1, 2);
+        let out = self
+            .forward(tokens, None)
+            .swap_dims(1, 2)
+            .reshape([batch, channels, height, width]);
+        out + x
+    }
+}

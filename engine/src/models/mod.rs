@@ -1,0 +1,8 @@
+//! The networks of Stable Diffusion as Burn modules. Each is a `Config` + `Module` pair whose
+//! field names are the checkpoint's key segments.
+
+pub mod clip;
+pub mod layers;
+pub mod taesd;
+pub mod unet;
+pub mod vae;

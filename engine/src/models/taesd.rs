@@ -1,0 +1,214 @@
+//! TAESD, the tiny autoencoder used for fast previews: diffusers' `AutoencoderTiny`
+//! (models/autoencoders/autoencoder_tiny.py, `EncoderTiny`/`DecoderTiny` in vae.py). Its layers are
+//! `nn.Sequential`s, mirrored here as vectors of [`TinyLayer`] so checkpoint indices map directly.
+
+use burn::module::Module;
+use burn::nn::Relu;
+use burn::nn::conv::Conv2d;
+use burn::tensor::activation::relu;
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+use burn::tensor::{Device, Tensor};
+use serde::Deserialize;
+
+use super::layers::conv2d;
+
+/// `config.json` of an `AutoencoderTiny`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct TaesdConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub encoder_block_out_channels: Vec<usize>,
+    pub decoder_block_out_channels: Vec<usize>,
+    pub num_encoder_blocks: Vec<usize>,
+    pub num_decoder_blocks: Vec<usize>,
+    pub latent_channels: usize,
+    pub act_fn: String,
+    pub upsampling_scaling_factor: usize,
+    pub upsample_fn: String,
+}
+
+impl Default for TaesdConfig {
+    fn default() -> Self {
+        Self {
+            in_channels: 3,
+            out_channels: 3,
+            encoder_block_out_channels: vec![64; 4],
+            decoder_block_out_channels: vec![64; 4],
+            num_encoder_blocks: vec![1, 3, 3, 3],
+            num_decoder_blocks: vec![3, 3, 3, 1],
+            latent_channels: 4,
+            act_fn: "relu".into(),
+            upsampling_scaling_factor: 2,
+            upsample_fn: "nearest".into(),
+        }
+    }
+}
+
+/// One entry of an `nn.Sequential`.
+#[derive(Module, Debug)]
+pub enum TinyLayer {
+    Conv(Conv2d),
+    Block(TinyBlock),
+    Relu(Relu),
+    Upsample(NearestUpsample),
+}
+
+/// Nearest-neighbour 2× upscaling (`nn.Upsample(scale_factor=2)`), a layer without parameters.
+#[derive(Module, Debug, Default)]
+pub struct NearestUpsample;
+
+/// `AutoencoderTinyBlock`: three 3×3 convolutions with ReLUs, a residual, and a ReLU on the sum.
+#[derive(Module, Debug)]
+pub struct TinyBlock {
+    pub conv: Vec<TinyLayer>,
+    pub skip: Option<Conv2d>,
+}
+
+#[derive(Module, Debug)]
+pub struct TinyCoder {
+    pub layers: Vec<TinyLayer>,
+}
+
+#[derive(Module, Debug)]
+pub struct Taesd {
+    pub encoder: TinyCoder,
+    pub decoder: TinyCoder,
+}
+
+impl TaesdConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        let e = self.encoder_block_out_channels.len();
+        let d = self.decoder_block_out_channels.len();
+        if e == 0
+            || d == 0
+            || self.num_encoder_blocks.len() != e
+            || self.num_decoder_blocks.len() != d
+        {
+            return Err("block channel and block count lists must match and not be empty".into());
+        }
+        if self.act_fn != "relu"
+            || self.upsample_fn != "nearest"
+            || self.upsampling_scaling_factor != 2
+        {
+            return Err("only the TAESD layout (ReLU, nearest 2× upsampling) is supported".into());
+        }
+        Ok(())
+    }
+
+    pub fn init(&self, device: &Device) -> Taesd {
+        let block = |c: usize| {
+            TinyLayer::Block(TinyBlock {
+                conv: vec![
+                    TinyLayer::Conv(conv2d([c, c], 3, 1, 1, true, device)),
+                    TinyLayer::Relu(Relu),
+                    TinyLayer::Conv(conv2d([c, c], 3, 1, 1, true, device)),
+                    TinyLayer::Relu(Relu),
+                    TinyLayer::Conv(conv2d([c, c], 3, 1, 1, true, device)),
+                ],
+                skip: None,
+            })
+        };
+
+        let mut encoder = Vec::new();
+        let channels = &self.encoder_block_out_channels;
+        for (i, (&c, &blocks)) in channels.iter().zip(&self.num_encoder_blocks).enumerate() {
+            encoder.push(TinyLayer::Conv(if i == 0 {
+                conv2d([self.in_channels, c], 3, 1, 1, true, device)
+            } else {
+                conv2d([c, c], 3, 2, 1, false, device)
+            }));
+            encoder.extend((0..blocks).map(|_| block(c)));
+        }
+        let last = channels[channels.len() - 1];
+        encoder.push(TinyLayer::Conv(conv2d(
+            [last, self.latent_channels],
+            3,
+            1,
+            1,
+            true,
+            device,
+        )));
+
+        let channels = &self.decoder_block_out_channels;
+        let mut decoder = vec![
+            TinyLayer::Conv(conv2d(
+                [self.latent_channels, channels[0]],
+                3,
+                1,
+                1,
+                true,
+                device,
+            )),
+            TinyLayer::Relu(Relu),
+        ];
+        let last = channels.len() - 1;
+        for (i, (&c, &blocks)) in channels.iter().zip(&self.num_decoder_blocks).enumerate() {
+            decoder.extend((0..blocks).map(|_| block(c)));
+            if i < last {
+                decoder.push(TinyLayer::Upsample(NearestUpsample));
+            }
+            let out = if i < last { c } else { self.out_channels };
+            decoder.push(TinyLayer::Conv(conv2d(
+                [c, out],
+                3,
+                1,
+                1,
+                i == last,
+                device,
+            )));
+        }
+        Taesd {
+            encoder: TinyCoder { layers: encoder },
+            decoder: TinyCoder { layers: decoder },
+        }
+    }
+}
+
+impl TinyLayer {
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        match self {
+            Self::Conv(conv) => conv.forward(x),
+            Self::Block(block) => {
+                let skip = match &block.skip {
+                    Some(conv) => conv.forward(x.clone()),
+                    None => x.clone(),
+                };
+                relu(run(&block.conv, x) + skip)
+            }
+            Self::Relu(_) => relu(x),
+            Self::Upsample(_) => {
+                let [_, _, h, w] = x.dims();
+                interpolate(
+                    x,
+                    InterpolateOptions::new(InterpolateMode::Nearest)
+                        .with_output_size([2 * h, 2 * w]),
+                )
+            }
+        }
+    }
+}
+
+fn run(layers: &[TinyLayer], x: Tensor<4>) -> Tensor<4> {
+    layers.iter().fold(x, |x, layer| layer.forward(x))
+}
+
+impl Taesd {
+    /// Latents (scaled, as the UNet sees them) to an image in [-1, 1].
+    ///
+    /// # Shapes
+    /// latents: [batch, 4, h, w] → [batch, 3, 8h, 8w]
+    pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
+        let x = latents.div_scalar(3.0).tanh().mul_scalar(3.0);
+        run(&self.decoder.layers, x).mul_scalar(2.0).sub_scalar(1.0)
+    }
+
+    /// An image in [-1, 1] to scaled latents.
+    ///
+    /// # Shapes
+    /// image: [batch, 3, h, w] → [batch, 4, h/8, w/8]
+    pub fn encode(&self, image: Tensor<4>) -> Tensor<4> {
+        run(&self.encoder.layers, image.add_scalar(1.0).div_scalar(2.0))
+    }
+}

@@ -1,0 +1,151 @@
+//! The UNet's spatial transformer: diffusers' `Transformer2DModel` (models/transformers/
+//! transformer_2d.py) of `BasicTransformerBlock`s with self-attention, cross-attention to the text
+//! and a GEGLU feed-forward (models/attention.py).
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, LayerNorm, Linear};
+use burn::tensor::activation::gelu;
+use burn::tensor::{Device, Tensor};
+
+use crate::models::layers::{Attention, AttentionConfig, conv2d, group_norm, layer_norm, linear};
+
+/// The projection into and out of the transformer: a 1×1 convolution (SD1) or a linear layer on the
+/// flattened pixels (`use_linear_projection`, SD2). Both hold `weight`/`bias` under the same key.
+#[derive(Module, Debug)]
+pub enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+#[derive(Module, Debug)]
+pub struct Transformer2DModel {
+    pub norm: GroupNorm,
+    pub proj_in: Projection,
+    pub transformer_blocks: Vec<BasicTransformerBlock>,
+    pub proj_out: Projection,
+}
+
+#[derive(Module, Debug)]
+pub struct BasicTransformerBlock {
+    pub norm1: LayerNorm,
+    pub attn1: Attention,
+    pub norm2: LayerNorm,
+    pub attn2: Attention,
+    pub norm3: LayerNorm,
+    pub ff: FeedForward,
+}
+
+/// `FeedForward` with GEGLU: `ff.net.0.proj` and `ff.net.2` in the checkpoint (see `remap.rs`).
+#[derive(Module, Debug)]
+pub struct FeedForward {
+    pub geglu: GeGlu,
+    pub out: Linear,
+}
+
+#[derive(Module, Debug)]
+pub struct GeGlu {
+    pub proj: Linear,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct TransformerConfig {
+    pub channels: usize,
+    pub heads: usize,
+    pub layers: usize,
+    pub context_dim: usize,
+    pub groups: usize,
+    pub linear_projection: bool,
+}
+
+impl TransformerConfig {
+    pub fn init(&self, device: &Device) -> Transformer2DModel {
+        let c = self.channels;
+        let projection = || {
+            if self.linear_projection {
+                Projection::Linear(linear(c, c, true, device))
+            } else {
+                Projection::Conv(conv2d([c, c], 1, 1, 0, true, device))
+            }
+        };
+        let attention = |context_dim| {
+            AttentionConfig {
+                query_dim: c,
+                context_dim,
+                heads: self.heads,
+                head_dim: c / self.heads,
+                qkv_bias: false,
+                group_norm: None,
+            }
+            .init(device)
+        };
+        let inner = 4 * c;
+        Transformer2DModel {
+            norm: group_norm(self.groups, c, 1e-6, device),
+            proj_in: projection(),
+            transformer_blocks: (0..self.layers)
+                .map(|_| BasicTransformerBlock {
+                    norm1: layer_norm(c, 1e-5, device),
+                    attn1: attention(c),
+                    norm2: layer_norm(c, 1e-5, device),
+                    attn2: attention(self.context_dim),
+                    norm3: layer_norm(c, 1e-5, device),
+                    ff: FeedForward {
+                        geglu: GeGlu {
+                            proj: linear(c, 2 * inner, true, device),
+                        },
+                        out: linear(inner, c, true, device),
+                    },
+                })
+                .collect(),
+            proj_out: projection(),
+        }
+    }
+}
+
+impl Transformer2DModel {
+    /// # Shapes
+    /// x: [batch, channels, h, w], context: [batch, tokens, context_dim] → [batch, channels, h, w]
+    pub fn forward(&self, x: Tensor<4>, context: &Tensor<3>) -> Tensor<4> {
+        let [batch, channels, height, width] = x.dims();
+        let to_tokens = |x: Tensor<4>| x.reshape([batch, channels, height * width]).swap_dims(1, 2);
+        let to_map = |x: Tensor<3>| x.swap_dims(1, 2).reshape([batch, channels, height, width]);
+        let h = self.norm.forward(x.clone());
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(conv.forward(h)),
+            Projection::Linear(linear) => linear.forward(to_tokens(h)),
+        };
+        for block in &self.transformer_blocks {
+            tokens = block.forward(tokens, context);
+        }
+        let h = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(to_map(tokens)),
+            Projection::Linear(linear) => to_map(linear.forward(tokens)),
+        };
+        h + x
+    }
+}
+
+impl BasicTransformerBlock {
+    fn forward(&self, x: Tensor<3>, context: &Tensor<3>) -> Tensor<3> {
+        let x = self.attn1.forward(self.norm1.forward(x.clone()), None) + x;
+        let x = self
+            .attn2
+            .forward(self.norm2.forward(x.clone()), Some(context.clone()))
+            + x;
+        self.ff.forward(self.norm3.forward(x.clone())) + x
+    }
+}
+
+impl FeedForward {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [hidden, gate] = self
+            .geglu
+            .proj
+            .forward(x)
+            .chunk(2, 2)
+            .try_into()
+            .expect("GEGLU splits in two");
+        self.out.forward(hidden * gelu(gate))
+    }
+}

@@ -1,0 +1,3 @@
+//! Noise schedules and samplers.
+
+pub mod schedule;
