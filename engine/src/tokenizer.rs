@@ -103,6 +103,15 @@ impl ClipTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// The ids of `text` alone, without start and end markers.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| tokenizer_error("encoding the prompt", e))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
     /// The ids the text encoder takes for `text`: at most 75 tokens between the start and end
     /// markers, then padding to [`MAX_LENGTH`].
     pub fn encode_padded(&self, text: &str) -> Result<Vec<u32>> {
