@@ -18,7 +18,7 @@ use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::taesd::{Taesd, TaesdConfig};
 use crate::models::unet::{PerBlock, UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{AutoencoderKl, VaeConfig};
-use crate::sampling::schedule::SchedulerConfig;
+use crate::sampling::SchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::index::WeightFile;
 use crate::weights::load::{WeightSlice, load_into};
@@ -45,6 +45,8 @@ enum Source {
 #[derive(Debug)]
 pub struct StableDiffusion {
     pub family: ModelFamily,
+    /// Where the models' weights live and run.
+    pub device: Device,
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
     /// Final text-encoder layers to leave out (see `ClipTextModel::forward`).
@@ -323,6 +325,7 @@ impl Checkpoint {
         let (text_encoder, clip_skip) = self.load_text_encoder(device)?;
         Ok(StableDiffusion {
             family: self.family,
+            device: device.clone(),
             tokenizer: self.tokenizer()?,
             text_encoder,
             clip_skip,

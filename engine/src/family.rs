@@ -162,6 +162,18 @@ impl ModelFamily {
         if self.is_sd2() { channels / 64 } else { 8 }
     }
 
+    /// Latent channel → RGB contributions for a quick preview of x̂₀ (values then in [-1, 1]).
+    /// SD1 and SD2 share a VAE; these factors are @torridgristle's, as InvokeAI (Apache-2.0)
+    /// publishes them in `invokeai/app/util/step_callback.py`.
+    pub fn latent_rgb_factors(self) -> [[f32; 3]; 4] {
+        [
+            [0.3444, 0.1385, 0.0670],
+            [0.1247, 0.4027, 0.1494],
+            [-0.3192, 0.2513, 0.2103],
+            [-0.1307, -0.1874, -0.7445],
+        ]
+    }
+
     /// CLIP heads are 64 wide in both text encoders.
     pub fn clip_heads(self, hidden: usize) -> usize {
         hidden / 64

@@ -44,7 +44,9 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, device: &Device) -> 
 /// Group norms need every level's channel count to split into `groups` equal groups.
 pub fn check_groups(channels: &[usize], groups: usize) -> Result<(), String> {
     match channels.iter().find(|&&c| groups == 0 || c % groups != 0) {
-        Some(c) => Err(format!("{c} channels cannot be split into {groups} norm groups")),
+        Some(c) => Err(format!(
+            "{c} channels cannot be split into {groups} norm groups"
+        )),
         None => Ok(()),
     }
 }
