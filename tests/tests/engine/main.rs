@@ -4,5 +4,6 @@
 mod bad_input;
 mod models;
 mod noise;
+mod pipeline;
 mod tokenizer;
 mod wgpu;
