@@ -103,11 +103,12 @@ fn wgpu_device() -> Result<ComputeDevice> {
     })
 }
 
-/// The name of the first adapter that is real hardware, if any.
+/// The name of the first adapter that is real hardware, if any (GL adapters are never the fast
+/// path, and probing them prints display-server noise).
 fn hardware_gpu() -> Option<String> {
     let instance =
         wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
     adapters.into_iter().map(|a| a.get_info()).find_map(|info| {
         matches!(
             info.device_type,

@@ -5,11 +5,12 @@ use std::path::PathBuf;
 /// Everything the engine can refuse or fail at. Cancellation is not an error (see `Outcome`).
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("cannot read {path}: {source}")]
+    /// The I/O error is part of the message (not a chained source), so it reads once however the
+    /// error is printed.
+    #[error("cannot read {path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     #[error(
@@ -57,7 +58,7 @@ impl EngineError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 

@@ -27,7 +27,7 @@ pub fn to_unit_range(decoded: Tensor<4>) -> Tensor<4> {
 /// The first image of a `[batch, 3, h, w]` tensor in [0, 1], rounded to 8 bits.
 pub fn unit_tensor_to_image(unit: Tensor<4>) -> RgbImage {
     let [_, _, h, w] = unit.dims();
-    let first = unit.slice([0..1]);
+    let first = unit.narrow(0, 0, 1);
     let values: Vec<f32> = first
         .into_data()
         .convert::<f32>()

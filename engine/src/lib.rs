@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod device;
+pub mod engine;
 pub mod error;
 pub mod family;
 pub mod imaging;
@@ -21,5 +22,8 @@ pub mod weights;
 pub use burn::module::Module;
 pub use burn::tensor::{Device, Distribution, Int, Tensor};
 pub use checkpoint::{Checkpoint, StableDiffusion, load_taesd};
+pub use engine::{Command, Engine, Event, JobId, Preview, Progress};
 pub use error::{EngineError, Result};
 pub use family::{ModelFamily, PredictionType};
+pub use pipeline::{CancelToken, GeneratedImage, Outcome};
+pub use request::{GenerationRequest, Outpaint, PreviewMode, Sampler, Schedule};

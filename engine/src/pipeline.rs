@@ -231,7 +231,7 @@ impl Pipeline<'_> {
             .iter()
             .enumerate()
             .map(|(i, chunk)| {
-                let z = encoded.clone().slice([i..i + 1]);
+                let z = encoded.clone().narrow(0, i, 1);
                 if !chunk.is_weighted() {
                     return z;
                 }
