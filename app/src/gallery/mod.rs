@@ -1,0 +1,3 @@
+//! Finished images on disk: PNG metadata, and the studio's history.
+
+pub mod metadata;
