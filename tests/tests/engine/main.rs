@@ -2,8 +2,10 @@
 //! dumps of `tools/reference/make_fixtures.py`, and the engine's answers to bad input.
 
 mod bad_input;
+mod engine_thread;
 mod models;
 mod noise;
 mod pipeline;
+mod prompting;
 mod tokenizer;
 mod wgpu;
