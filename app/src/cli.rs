@@ -15,6 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use studio_engine::device::Backend;
 use studio_engine::{Checkpoint, Engine, Event, GenerationRequest, Outpaint, Sampler, Schedule};
 
+use crate::app::{display_name, random_seed};
 use crate::gallery::metadata::{
     ImageMetadata, encode_png, model_hash, replace_file, write_new_file,
 };
@@ -26,6 +27,8 @@ use crate::gallery::metadata::{
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// Open the studio with this model (a .safetensors file or a diffusers folder) loaded.
+    pub model: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -166,18 +169,6 @@ pub fn output_paths(out: &Path, batch: u32) -> Vec<PathBuf> {
         .collect()
 }
 
-fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    // Seeds a person can type back: 32 bits, as torch's generator uses.
-    hasher.finish() & 0xffff_ffff
-}
-
 fn load_image(path: &Path) -> Result<image::DynamicImage> {
     image::open(path).with_context(|| format!("cannot read the image {}", path.display()))
 }
@@ -297,11 +288,7 @@ fn run(args: &GenerateArgs) -> Result<ExitCode> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     eprintln!("seed: {}", request.seed);
-    let model_name = args
-        .model
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
+    let model_name = display_name(&args.model);
     let hash_path = args.model.clone();
     let hashing = std::thread::spawn(move || model_hash(&hash_path));
 

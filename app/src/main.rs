@@ -1,18 +1,48 @@
 //! `studio`: the AI image studio. With no arguments it opens the window; `studio generate …` runs
 //! the same engine headless.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use studio::APP_ID;
+use studio::app::StudioApp;
 use studio::cli::{Cli, Command, generate};
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    match cli.command {
         Some(Command::Generate(args)) => generate(args),
-        None => {
-            eprintln!(
-                "the studio window is not part of this build yet; run `studio generate --help`"
-            );
+        None => run_studio(cli.model),
+    }
+}
+
+fn run_studio(model: Option<PathBuf>) -> ExitCode {
+    let data_dir = eframe::storage_dir(APP_ID).unwrap_or_else(|| PathBuf::from(".ai-studio"));
+    let options = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_title("AI Studio")
+            .with_app_id(APP_ID)
+            .with_inner_size([1280.0, 800.0])
+            .with_min_inner_size([900.0, 600.0])
+            .with_icon(studio::icon())
+            .with_drag_and_drop(true),
+        ..Default::default()
+    };
+    let result = eframe::run_native(
+        APP_ID,
+        options,
+        Box::new(move |cc| {
+            Ok(Box::new(StudioApp::from_creation_context(
+                cc, data_dir, model,
+            )))
+        }),
+    );
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: the studio window could not open: {error}");
+            eprintln!("(no display? `studio generate --help` runs without a window)");
             ExitCode::FAILURE
         }
     }

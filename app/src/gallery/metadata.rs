@@ -272,7 +272,136 @@ pub fn read_metadata(bytes: &[u8]) -> Result<Option<FoundMetadata>> {
             source: "studio",
         }));
     }
-    Ok(find("parameters").and_then(parse_a1111))
+    if let Some(found) = find("parameters").and_then(parse_a1111) {
+        return Ok(Some(found));
+    }
+    if let Some(found) = find("prompt").and_then(parse_comfyui) {
+        return Ok(Some(found));
+    }
+    Ok(find("invokeai_metadata").and_then(parse_invokeai))
+}
+
+/// ComfyUI's `prompt` chunk: the executed node graph. The sampler node's inputs, the texts of the
+/// prompts wired to it and the empty latent's size give the parameters.
+pub fn parse_comfyui(json: &str) -> Option<FoundMetadata> {
+    let graph: serde_json::Value = serde_json::from_str(json).ok()?;
+    let nodes = graph.as_object()?;
+    let (_, sampler) = nodes.iter().find(|(_, n)| {
+        matches!(
+            n["class_type"].as_str(),
+            Some("KSampler" | "KSamplerAdvanced")
+        )
+    })?;
+    let inputs = &sampler["inputs"];
+    let linked =
+        |key: &str| -> Option<&serde_json::Value> { nodes.get(inputs[key].get(0)?.as_str()?) };
+    let text = |key: &str| {
+        linked(key)
+            .and_then(|n| n["inputs"]["text"].as_str())
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    let seed = inputs["seed"]
+        .as_u64()
+        .or_else(|| inputs["noise_seed"].as_u64())
+        .unwrap_or(0);
+    let mut request = GenerationRequest {
+        prompt: text("positive"),
+        negative_prompt: text("negative"),
+        seed,
+        batch: 1,
+        ..GenerationRequest::default()
+    };
+    if let Some(steps) = inputs["steps"].as_u64() {
+        request.steps = steps as usize;
+    }
+    if let Some(cfg) = inputs["cfg"].as_f64() {
+        request.cfg_scale = cfg as f32;
+    }
+    request.sampler = match inputs["sampler_name"].as_str() {
+        Some("euler_ancestral") => Sampler::EulerA,
+        Some("ddim") => Sampler::Ddim,
+        Some("dpmpp_2m") => Sampler::DpmPp2m,
+        Some("lcm") => Sampler::Lcm,
+        _ => Sampler::Euler,
+    };
+    request.schedule = match inputs["scheduler"].as_str() {
+        Some("karras") => Schedule::Karras,
+        Some("sgm_uniform") => Schedule::Trailing,
+        _ => Schedule::Normal,
+    };
+    if let Some(denoise) = inputs["denoise"].as_f64().filter(|d| *d < 1.0) {
+        request.strength = denoise as f32;
+    }
+    if let Some(latent) = linked("latent_image") {
+        request.width = latent["inputs"]["width"]
+            .as_u64()
+            .map_or(request.width, |w| w as u32);
+        request.height = latent["inputs"]["height"]
+            .as_u64()
+            .map_or(request.height, |h| h as u32);
+    }
+    let model = nodes
+        .values()
+        .find(|n| n["class_type"].as_str() == Some("CheckpointLoaderSimple"))
+        .and_then(|n| n["inputs"]["ckpt_name"].as_str())
+        .map(str::to_owned);
+    Some(FoundMetadata {
+        request,
+        seed,
+        model,
+        source: "ComfyUI",
+    })
+}
+
+/// InvokeAI's `invokeai_metadata` chunk.
+pub fn parse_invokeai(json: &str) -> Option<FoundMetadata> {
+    let meta: serde_json::Value = serde_json::from_str(json).ok()?;
+    let seed = meta["seed"].as_u64().unwrap_or(0);
+    let mut request = GenerationRequest {
+        prompt: meta["positive_prompt"].as_str()?.to_owned(),
+        negative_prompt: meta["negative_prompt"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        seed,
+        batch: 1,
+        ..GenerationRequest::default()
+    };
+    if let Some(steps) = meta["steps"].as_u64() {
+        request.steps = steps as usize;
+    }
+    if let Some(cfg) = meta["cfg_scale"].as_f64() {
+        request.cfg_scale = cfg as f32;
+    }
+    request.width = meta["width"].as_u64().map_or(request.width, |w| w as u32);
+    request.height = meta["height"].as_u64().map_or(request.height, |h| h as u32);
+    if let Some(scheduler) = meta["scheduler"].as_str() {
+        // InvokeAI names a Karras schedule with a `_k` suffix ("dpmpp_2m_k").
+        let (name, karras) = scheduler
+            .strip_suffix("_k")
+            .map_or((scheduler, false), |n| (n, true));
+        request.sampler = match name {
+            "euler_a" => Sampler::EulerA,
+            "ddim" => Sampler::Ddim,
+            "dpmpp_2m" => Sampler::DpmPp2m,
+            "lcm" => Sampler::Lcm,
+            _ => Sampler::Euler,
+        };
+        if karras {
+            request.schedule = Schedule::Karras;
+        }
+    }
+    if let Some(strength) = meta["strength"].as_f64() {
+        request.strength = strength as f32;
+    }
+    let model = meta["model"]["name"].as_str().map(str::to_owned);
+    Some(FoundMetadata {
+        request,
+        seed,
+        model,
+        source: "InvokeAI",
+    })
 }
 
 /// Reads A1111's `parameters` text: prompt lines, an optional `Negative prompt:` part, and a last
@@ -452,6 +581,48 @@ mod tests {
             (old.request.sampler, old.request.schedule, old.seed),
             (Sampler::DpmPp2m, Schedule::Karras, 9)
         );
+    }
+
+    #[test]
+    fn comfyui_and_invokeai_metadata_restore() {
+        let comfy = r#"{"3": {"class_type": "KSampler", "inputs": {"seed": 156680208700286, "steps": 20, "cfg": 8.0,
+            "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0, "model": ["4", 0],
+            "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+            "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+            "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 768, "batch_size": 1}},
+            "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "beautiful scenery", "clip": ["4", 1]}},
+            "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "text, watermark", "clip": ["4", 1]}}}"#;
+        let found = parse_comfyui(comfy).unwrap();
+        let r = &found.request;
+        assert_eq!(
+            (r.prompt.as_str(), r.negative_prompt.as_str()),
+            ("beautiful scenery", "text, watermark")
+        );
+        assert_eq!(
+            (found.seed, r.steps, r.cfg_scale, r.width, r.height),
+            (156680208700286, 20, 8.0, 512, 768)
+        );
+        assert_eq!(
+            (r.sampler, r.schedule),
+            (Sampler::DpmPp2m, Schedule::Karras)
+        );
+        assert_eq!(
+            found.model.as_deref(),
+            Some("v1-5-pruned-emaonly.safetensors")
+        );
+
+        let invoke = r#"{"positive_prompt": "a castle", "negative_prompt": "fog", "width": 640, "height": 448,
+            "seed": 99, "cfg_scale": 6.0, "steps": 30, "scheduler": "euler_a", "model": {"name": "dreamshaper"}}"#;
+        let found = parse_invokeai(invoke).unwrap();
+        assert_eq!(
+            (
+                found.request.prompt.as_str(),
+                found.seed,
+                found.request.sampler
+            ),
+            ("a castle", 99, Sampler::EulerA)
+        );
+        assert_eq!(found.model.as_deref(), Some("dreamshaper"));
     }
 
     #[test]
