@@ -168,6 +168,15 @@ impl StudioApp {
         !self.runtime.jobs.is_empty()
     }
 
+    pub fn is_model_loaded(&self) -> bool {
+        matches!(self.runtime.model, ModelStatus::Loaded { .. })
+    }
+
+    /// What Generate does.
+    pub fn start_generation(&mut self) {
+        self.generate();
+    }
+
     fn notify(&mut self, text: impl Into<String>, error: bool) {
         self.runtime.notices.push(Notice {
             text: text.into(),
@@ -710,8 +719,9 @@ impl StudioApp {
     }
 }
 
-impl eframe::App for StudioApp {
-    fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+impl StudioApp {
+    /// Takes in what arrived since the last frame: engine events, dialog answers, finished disk work.
+    pub fn update(&mut self, ctx: &egui::Context) {
         for event in self.runtime.engine.poll() {
             self.handle_event(ctx, event);
         }
@@ -757,7 +767,8 @@ impl eframe::App for StudioApp {
         }
     }
 
-    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+    /// Draws the studio and applies what its panes asked for.
+    pub fn draw(&mut self, ui: &mut egui::Ui) {
         let ctx = ui.ctx().clone();
         // Dropped files belong to this frame's input, which `logic` does not see yet.
         let dropped: Vec<_> = ctx.input(|i| i.raw.dropped_files.clone());
@@ -833,6 +844,16 @@ impl eframe::App for StudioApp {
         for action in actions {
             self.apply(action);
         }
+    }
+}
+
+impl eframe::App for StudioApp {
+    fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+        self.update(ctx);
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        self.draw(ui);
     }
 
     fn save(&mut self, storage: &mut dyn eframe::Storage) {

@@ -35,6 +35,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate images headless, as the studio would.
     Generate(GenerateArgs),
+    /// Measure speed and memory at Stable Diffusion 1.5's sizes (random weights).
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]

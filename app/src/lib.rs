@@ -2,6 +2,7 @@
 //! command line over the same engine.
 
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod dialogs;
 pub mod engine_client;

@@ -3,6 +3,7 @@
 //! single-file `.safetensors`), on the GPU through wgpu or on the CPU through Burn's `flex`.
 //! It has no GUI dependency; the studio talks to it through plain data.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod device;
 pub mod engine;

@@ -14,7 +14,7 @@ use tokenizers::{AddedToken, Tokenizer};
 use crate::error::{EngineError, Result};
 
 /// The tokenizer.json built from OpenAI's CLIP vocabulary by `tools/reference/make_tokenizer.py`.
-const DEFAULT_TOKENIZER: &str = include_str!("../../assets/clip/tokenizer.json");
+pub const DEFAULT_TOKENIZER: &str = include_str!("../../assets/clip/tokenizer.json");
 
 /// Sequence length of the CLIP text encoders Stable Diffusion uses.
 pub const MAX_LENGTH: usize = 77;

@@ -6,12 +6,12 @@ use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, Linear};
 use burn::tensor::activation::{gelu, sigmoid};
 use burn::tensor::{Device, Int, Tensor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::layers::{layer_norm, linear, multi_head_attention};
 
 /// The MLP activation: SD1's CLIP uses quick GELU, OpenCLIP exact GELU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClipActivation {
     QuickGelu,
@@ -19,7 +19,7 @@ pub enum ClipActivation {
 }
 
 /// `config.json` of a diffusers `text_encoder/` (transformers `CLIPTextConfig`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ClipTextConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,

@@ -3,14 +3,14 @@
 //! name does (`set_timesteps` of EulerDiscrete, DDIM, DPMSolverMultistep, LCM), so a seed gives the
 //! same image; the Karras spacing is Karras et al. (2022), eq. 5 with ρ = 7.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::family::PredictionType;
 use crate::request::{Sampler, Schedule};
 
 /// The training schedule, with diffusers' names. Older configs leave fields out; they stay `None`
 /// where diffusers' schedulers disagree on the default.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
 pub struct SchedulerConfig {
     pub num_train_timesteps: usize,

@@ -12,7 +12,7 @@ use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
 use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use self::attention::TransformerConfig;
 use self::blocks::{DownBlock, MidBlock, UpBlock};
@@ -21,7 +21,7 @@ use self::resnet::{Downsample2D, ResnetConfig, Upsample2D};
 use crate::models::layers::{check_groups, conv2d, group_norm};
 
 /// A per-block setting that configs give either once for all blocks or as a list.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum PerBlock {
     All(usize),
@@ -39,7 +39,7 @@ impl PerBlock {
 }
 
 /// `unet/config.json`, with the diffusers names and defaults.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct UNetConfig {
     pub in_channels: usize,
@@ -290,6 +290,84 @@ impl UNetConfig {
             freq_shift: self.freq_shift,
             in_channels: self.in_channels,
         }
+    }
+}
+
+impl UNetConfig {
+    /// Multiply-adds ×2 of one forward pass for one latent of `height`×`width` attending to
+    /// `context` tokens: convolutions, linear layers and attention products (what the benchmark
+    /// divides by the time to get an effective rate). Norms and activations are not counted.
+    pub fn flops(&self, height: usize, width: usize, context: usize) -> f64 {
+        let plan = self.plan().expect("validated UNet config");
+        let channels = &self.block_out_channels;
+        let temb = channels[0] * 4;
+        let conv =
+            |i: usize, o: usize, k: usize, pixels: usize| 2.0 * (i * o * k * k * pixels) as f64;
+        let resnet = |i: usize, o: usize, pixels: usize| {
+            conv(i, o, 3, pixels)
+                + conv(o, o, 3, pixels)
+                + if i != o { conv(i, o, 1, pixels) } else { 0.0 }
+                + 2.0 * (temb * o) as f64
+        };
+        let transformer = |c: usize, layers: usize, pixels: usize| {
+            let d = plan.cross_attention_dim;
+            let n = pixels as f64;
+            let linear = |i: usize, o: usize, rows: f64| 2.0 * (i * o) as f64 * rows;
+            let per_block = linear(c, 3 * c, n)
+                + 2.0 * 2.0 * n * n * c as f64
+                + linear(c, c, n)
+                + linear(c, c, n)
+                + linear(d, 2 * c, context as f64)
+                + 2.0 * 2.0 * n * context as f64 * c as f64
+                + linear(c, c, n)
+                + linear(c, 8 * c, n)
+                + linear(4 * c, c, n);
+            2.0 * linear(c, c, n) + layers as f64 * per_block
+        };
+        let mut pixels = height * width;
+        let mut total = conv(self.in_channels, channels[0], 3, pixels)
+            + conv(channels[0], self.out_channels, 3, pixels);
+        let levels = channels.len();
+        let mut sizes = Vec::new();
+        let mut input = channels[0];
+        for (level, &output) in channels.iter().enumerate() {
+            sizes.push(pixels);
+            for j in 0..self.layers_per_block {
+                total += resnet(if j == 0 { input } else { output }, output, pixels);
+                if plan.down_attention[level] {
+                    total += transformer(output, plan.transformer_layers[level], pixels);
+                }
+            }
+            if level + 1 < levels {
+                pixels /= 4;
+                total += conv(output, output, 3, pixels);
+            }
+            input = output;
+        }
+        let mid = channels[levels - 1];
+        total += 2.0 * resnet(mid, mid, pixels)
+            + transformer(mid, plan.transformer_layers[levels - 1], pixels);
+        let reversed: Vec<usize> = channels.iter().rev().copied().collect();
+        let mut previous = reversed[0];
+        for (i, &output) in reversed.iter().enumerate() {
+            let level = levels - 1 - i;
+            let pixels = sizes[level];
+            let skip_input = reversed[(i + 1).min(levels - 1)];
+            let n = self.layers_per_block + 1;
+            for j in 0..n {
+                let skip = if j == n - 1 { skip_input } else { output };
+                let x = if j == 0 { previous } else { output };
+                total += resnet(x + skip, output, pixels);
+                if plan.up_attention[i] {
+                    total += transformer(output, plan.transformer_layers[level], pixels);
+                }
+            }
+            if i + 1 < levels {
+                total += conv(output, output, 3, sizes[level - 1]);
+            }
+            previous = output;
+        }
+        total
     }
 }
 

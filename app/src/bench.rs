@@ -1,0 +1,271 @@
+//! `studio bench`: speed and memory at Stable Diffusion 1.5's real sizes (random weights), printed
+//! as a table and one JSON line; `--compare OURS TORCH` prints the ratio to diffusers' figures from
+//! `tools/reference/bench_torch.py`; `--frames` measures the studio's UI frame time while the engine
+//! generates, and while painting a mask on a 2048² canvas.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use studio_engine::bench::{BenchConfig, Report, run};
+use studio_engine::device::{Backend, select};
+
+use crate::app::StudioApp;
+use crate::engine_client::ThreadedEngine;
+use crate::state::Settings;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Where the models run (cpu, or wgpu on a GPU).
+    #[arg(long, default_value = "cpu", value_parser = |s: &str| s.parse::<Backend>().map_err(|e| e.to_string()))]
+    pub backend: Backend,
+    /// Largest image side: 512 measures at SD1.5's native size; 256 skips the 512² measurements.
+    #[arg(long, default_value_t = 512)]
+    pub size: usize,
+    /// Where the random SD1.5-sized checkpoint (about 4.3 GB) is written.
+    #[arg(long)]
+    pub scratch: Option<PathBuf>,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Measure the UI's frame time (needs no display): while generating, and while painting.
+    #[arg(long)]
+    pub frames: bool,
+    /// Print ours/torch ratios from two JSON result files instead of measuring.
+    #[arg(long, num_args = 2, value_names = ["OURS", "TORCH"])]
+    pub compare: Option<Vec<PathBuf>>,
+}
+
+pub fn bench(args: BenchArgs) -> ExitCode {
+    match run_bench(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_bench(args: &BenchArgs) -> Result<()> {
+    if let Some(files) = &args.compare {
+        return compare(&files[0], &files[1]);
+    }
+    let device = select(args.backend)?;
+    let scratch = args
+        .scratch
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("studio-bench"));
+    std::fs::create_dir_all(&scratch)
+        .with_context(|| format!("cannot create {}", scratch.display()))?;
+    eprintln!("benchmarking on {}", device.description);
+    let started = Instant::now();
+    let config = BenchConfig {
+        size: args.size,
+        scratch: scratch.clone(),
+    };
+    let (mut report, models) = run(&device.device, &config, |what| {
+        eprintln!("[{:6.1} s] {what}", started.elapsed().as_secs_f32());
+    })?;
+    drop(models);
+    report.backend = args.backend.to_string();
+    report.device = device.description.clone();
+    report.threads = threads();
+    if args.frames {
+        eprintln!("[{:6.1} s] UI frame time", started.elapsed().as_secs_f32());
+        frame_times(
+            &scratch.join("sd15-random"),
+            args.backend,
+            &mut report.results,
+        )?;
+    }
+    print_table(&report);
+    let json = serde_json::to_string(&report)?;
+    println!("{json}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn print_table(report: &Report) {
+    let r = &report.results;
+    println!("\n{:<34} {:>12}", "measurement", "value");
+    for (name, value) in r {
+        let shown = if name.ends_with("bytes") {
+            format!("{:.2} GB", value / 1e9)
+        } else if name.ends_with("gflops") {
+            format!("{value:.1} GFLOP/s")
+        } else if name.ends_with("_ms") {
+            format!("{value:.2} ms")
+        } else {
+            format!("{value:.3} s")
+        };
+        println!("{name:<34} {shown:>12}");
+    }
+    let ratio = |a: &str, b: &str| Some(r.get(a)? / r.get(b)?);
+    println!();
+    for side in [512, 256] {
+        if let (Some(fraction), Some(preview), Some(taesd)) = (
+            ratio(&format!("unet_step_{side}_gflops"), "matmul_gflops"),
+            ratio(
+                &format!("preview_projection_{side}"),
+                &format!("unet_step_{side}"),
+            ),
+            ratio(
+                &format!("taesd_decode_{side}"),
+                &format!("unet_step_{side}"),
+            ),
+        ) {
+            println!(
+                "UNet step at {side}²: {:.0}% of the matmul rate; preview {:.3}% of a step; TAESD {:.1}% of a step",
+                fraction * 100.0,
+                preview * 100.0,
+                taesd * 100.0
+            );
+            if let Some(memory) = ratio(&format!("generate_{side}_peak_rss_bytes"), "weights_bytes")
+            {
+                println!("peak memory of a {side}² generation: {memory:.2}× the weights");
+            }
+            if let Some(first) = ratio(
+                &format!("unet_step_{side}_first"),
+                &format!("unet_step_{side}"),
+            ) {
+                println!("first step / steady step at {side}²: {first:.2}");
+            }
+            break;
+        }
+    }
+}
+
+/// Ours / torch for every measurement both files have.
+fn compare(ours: &Path, torch: &Path) -> Result<()> {
+    let read = |path: &Path| -> Result<BTreeMap<String, f64>> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let value: serde_json::Value = serde_json::from_str(&text)?;
+        Ok(serde_json::from_value(value["results"].clone())?)
+    };
+    let (ours, torch) = (read(ours)?, read(torch)?);
+    println!(
+        "{:<28} {:>12} {:>12} {:>14}",
+        "measurement", "ours", "torch", "ours / torch"
+    );
+    for (name, mine) in &ours {
+        let Some(theirs) = torch.get(name) else {
+            continue;
+        };
+        let unit = if name.ends_with("bytes") { 1e9 } else { 1.0 };
+        println!(
+            "{name:<28} {:>12.3} {:>12.3} {:>14.2}",
+            mine / unit,
+            theirs / unit,
+            mine / theirs
+        );
+    }
+    Ok(())
+}
+
+/// Median and 99th percentile of the UI's CPU time per frame (layout and tessellation; the GPU's
+/// part is the driver's), while the engine generates, and while a stroke is painted on a 2048²
+/// canvas.
+fn frame_times(model: &Path, backend: Backend, results: &mut BTreeMap<String, f64>) -> Result<()> {
+    let ctx = egui::Context::default();
+    let data = std::env::temp_dir().join(format!("studio-bench-ui-{}", std::process::id()));
+    let settings = Settings {
+        model: Some(model.to_path_buf()),
+        backend,
+        width: 256,
+        height: 256,
+        steps: 6,
+        prompt: "a photograph of an astronaut riding a horse".into(),
+        ..Settings::default()
+    };
+    let engine = ThreadedEngine::spawn(ctx.clone());
+    let mut app = StudioApp::new(
+        settings,
+        Box::new(engine),
+        Box::<NoDialogs>::default(),
+        data,
+    );
+    let frame = |app: &mut StudioApp, events: Vec<egui::Event>| -> f64 {
+        let input = egui::RawInput {
+            screen_rect: Some(egui::Rect::from_min_size(
+                egui::Pos2::ZERO,
+                egui::vec2(1280.0, 800.0),
+            )),
+            events,
+            ..Default::default()
+        };
+        let start = Instant::now();
+        app.update(&ctx);
+        let output = ctx.run_ui(input, |ui| app.draw(ui));
+        let _ = ctx.tessellate(output.shapes, output.pixels_per_point);
+        start.elapsed().as_secs_f64() * 1e3
+    };
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !app.is_model_loaded() {
+        anyhow::ensure!(Instant::now() < deadline, "the model did not load");
+        frame(&mut app, Vec::new());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    app.start_generation();
+    let mut busy = Vec::new();
+    while app.is_generating() {
+        anyhow::ensure!(Instant::now() < deadline, "the generation did not finish");
+        busy.push(frame(&mut app, Vec::new()));
+        std::thread::sleep(Duration::from_millis(16));
+    }
+    record(results, "ui_frame_generating", &mut busy);
+
+    app.runtime
+        .canvas
+        .set_image(image::RgbImage::new(2048, 2048));
+    frame(&mut app, Vec::new());
+    let mut painting = Vec::new();
+    let press = |pos, pressed| egui::Event::PointerButton {
+        pos,
+        button: egui::PointerButton::Primary,
+        pressed,
+        modifiers: Default::default(),
+    };
+    let start = egui::pos2(400.0, 200.0);
+    frame(
+        &mut app,
+        vec![egui::Event::PointerMoved(start), press(start, true)],
+    );
+    for i in 0..240 {
+        let t = i as f32 / 240.0;
+        let p = egui::pos2(400.0 + 300.0 * (t * 6.0).sin(), 200.0 + 400.0 * t);
+        painting.push(frame(&mut app, vec![egui::Event::PointerMoved(p)]));
+    }
+    frame(&mut app, vec![press(start, false)]);
+    record(results, "ui_frame_painting_2048", &mut painting);
+    Ok(())
+}
+
+fn record(results: &mut BTreeMap<String, f64>, name: &str, frames: &mut [f64]) {
+    frames.sort_by(f64::total_cmp);
+    if frames.is_empty() {
+        return;
+    }
+    let at = |q: f64| frames[((frames.len() - 1) as f64 * q).round() as usize];
+    results.insert(format!("{name}_median_ms"), at(0.5));
+    results.insert(format!("{name}_p99_ms"), at(0.99));
+}
+
+#[derive(Default)]
+struct NoDialogs;
+
+impl crate::dialogs::Dialogs for NoDialogs {
+    fn open(&mut self, _: crate::dialogs::Purpose, _: Option<String>) {}
+    fn poll(&mut self) -> Vec<(crate::dialogs::Purpose, Option<PathBuf>)> {
+        Vec::new()
+    }
+}

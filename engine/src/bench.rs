@@ -1,0 +1,304 @@
+//! Benchmark workloads at Stable Diffusion 1.5's real sizes, with random weights (no weight file
+//! can be downloaded): UNet 859.5 M parameters, VAE 83.7 M, CLIP-L text encoder 123.1 M, TAESD
+//! 2.45 M. The random model is written to disk as a diffusers folder first, so loading is measured
+//! from a real-layout safetensors checkpoint. Everything returns plain numbers; `studio bench` prints
+//! them and `tools/reference/bench_torch.py` measures the same things through diffusers.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
+use burn::tensor::{Device, Distribution, Tensor};
+use serde::Serialize;
+
+use crate::checkpoint::{Checkpoint, StableDiffusion};
+use crate::error::{EngineError, Result};
+use crate::models::clip::{ClipActivation, ClipTextConfig};
+use crate::models::taesd::TaesdConfig;
+use crate::models::unet::UNetConfig;
+use crate::models::vae::VaeConfig;
+use crate::pipeline::{CancelToken, Pipeline};
+use crate::request::{GenerationRequest, Sampler};
+use crate::sampling::SchedulerConfig;
+
+/// CLIP ViT-L/14's text tower, as SD1.x uses it.
+pub fn clip_l() -> ClipTextConfig {
+    ClipTextConfig {
+        vocab_size: 49408,
+        hidden_size: 768,
+        intermediate_size: 3072,
+        num_hidden_layers: 12,
+        num_attention_heads: 12,
+        max_position_embeddings: 77,
+        hidden_act: ClipActivation::QuickGelu,
+        layer_norm_eps: 1e-5,
+    }
+}
+
+/// The measurements, by name: seconds unless the name says otherwise.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub backend: String,
+    pub device: String,
+    pub threads: usize,
+    pub results: BTreeMap<String, f64>,
+}
+
+impl Report {
+    fn record(&mut self, name: &str, value: f64) {
+        self.results.insert(name.to_owned(), value);
+    }
+}
+
+/// Seconds taken by `f`, after which the device has finished its work.
+fn time<T>(device: &Device, f: impl FnOnce() -> T) -> (f64, T) {
+    let start = Instant::now();
+    let out = f();
+    let _ = device.sync();
+    (start.elapsed().as_secs_f64(), out)
+}
+
+/// The machine's matrix-multiply rate on `device`: the best of three `n`×`n` products, in GFLOP/s.
+pub fn matmul_gflops(device: &Device, n: usize) -> f64 {
+    let a = Tensor::<2>::random([n, n], Distribution::Normal(0.0, 1.0), device);
+    let b = Tensor::<2>::random([n, n], Distribution::Normal(0.0, 1.0), device);
+    let _ = a.clone().matmul(b.clone()).into_data();
+    (0..3)
+        .map(|_| time(device, || a.clone().matmul(b.clone()).into_data()).0)
+        .fold(f64::INFINITY, f64::min)
+        .recip()
+        * 2.0
+        * (n * n * n) as f64
+        / 1e9
+}
+
+/// The process's peak resident memory in bytes, and a way to reset it (Linux).
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| EngineError::config(path, e))?;
+    std::fs::write(path, text).map_err(|e| EngineError::io(path, e))
+}
+
+fn save(module: &impl ModuleSnapshot, path: &Path, unet_names: bool) -> Result<()> {
+    let mut store = SafetensorsStore::from_file(path)
+        .with_to_adapter(BurnToPyTorchAdapter)
+        .skip_enum_variants(true)
+        .overwrite(true);
+    if unet_names {
+        // The inverse of `remap::module_path`'s feed-forward renaming.
+        store = store
+            .with_key_remapping(r"\.ff\.geglu\.proj\.", ".ff.net.0.proj.")
+            .with_key_remapping(r"\.ff\.out\.", ".ff.net.2.");
+    }
+    module
+        .save_into(&mut store)
+        .map_err(|e| EngineError::Backend(format!("writing {}: {e}", path.display())))
+}
+
+/// Builds SD1.5-sized models with random weights and writes them to `dir` as a diffusers folder.
+/// Returns the bytes of weights written.
+pub fn write_random_checkpoint(dir: &Path, device: &Device) -> Result<u64> {
+    let unet_config = UNetConfig::default();
+    let vae_config = VaeConfig::default();
+    let clip_config = clip_l();
+    let mut bytes = 0;
+    for (name, file) in [
+        ("unet", "diffusion_pytorch_model.safetensors"),
+        ("vae", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
+        ("tokenizer", ""),
+        ("scheduler", ""),
+    ] {
+        let folder = dir.join(name);
+        std::fs::create_dir_all(&folder).map_err(|e| EngineError::io(&folder, e))?;
+        let path = folder.join(file);
+        match name {
+            "unet" => {
+                let model = unet_config.init(device);
+                bytes += model.num_params() as u64 * 4;
+                save(&model, &path, true)?;
+                write_json(&folder.join("config.json"), &unet_config)?;
+            }
+            "vae" => {
+                let model = vae_config.init(device);
+                bytes += model.num_params() as u64 * 4;
+                save(&model, &path, false)?;
+                write_json(&folder.join("config.json"), &vae_config)?;
+            }
+            "text_encoder" => {
+                let model = clip_config.init(device);
+                bytes += model.num_params() as u64 * 4;
+                save(&model, &path, false)?;
+                write_json(&folder.join("config.json"), &clip_config)?;
+            }
+            "tokenizer" => {
+                let path = folder.join("tokenizer.json");
+                std::fs::write(&path, crate::tokenizer::DEFAULT_TOKENIZER)
+                    .map_err(|e| EngineError::io(&path, e))?;
+            }
+            _ => write_json(
+                &folder.join("scheduler_config.json"),
+                &SchedulerConfig {
+                    timestep_spacing: Some("leading".into()),
+                    ..SchedulerConfig::default()
+                },
+            )?,
+        }
+    }
+    write_json(
+        &dir.join("model_index.json"),
+        &serde_json::json!({"_class_name": "StableDiffusionPipeline"}),
+    )?;
+    Ok(bytes)
+}
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Largest image side for the UNet, VAE and TAESD measurements (512 for the full benchmark).
+    pub size: usize,
+    /// Where the random checkpoint is written.
+    pub scratch: std::path::PathBuf,
+}
+
+/// Runs every measurement on `device`, reporting progress in words.
+pub fn run(
+    device: &Device,
+    config: &BenchConfig,
+    mut progress: impl FnMut(&str),
+) -> Result<(Report, StableDiffusion)> {
+    let mut report = Report::default();
+    progress("matrix-multiply rate");
+    report.record("matmul_gflops", matmul_gflops(device, 2048));
+
+    progress("writing an SD1.5-sized random checkpoint");
+    let folder = config.scratch.join("sd15-random");
+    let weights = write_random_checkpoint(&folder, device)?;
+    report.record("weights_bytes", weights as f64);
+
+    progress("loading it");
+    reset_peak_rss();
+    let (seconds, models) = time(device, || Checkpoint::open(&folder)?.load_all(device));
+    let models = models?;
+    report.record("load_seconds", seconds);
+    report.record("load_peak_rss_bytes", peak_rss().unwrap_or(0) as f64);
+    let pipeline = Pipeline {
+        models: &models,
+        taesd: None,
+    };
+
+    progress("text encoder");
+    let (first, _) = time(device, || {
+        pipeline.conditioning("a photograph of an astronaut riding a horse", Some(""))
+    });
+    let (steady, _) = time(device, || {
+        pipeline.conditioning("a photograph of an astronaut riding a horse", Some(""))
+    });
+    report.record("text_encode_first", first);
+    report.record("text_encode", steady);
+    let context = pipeline.conditioning("a photograph of an astronaut riding a horse", Some(""))?;
+
+    let mut sides = vec![256];
+    if config.size >= 512 {
+        sides.push(512);
+    }
+    let sides: Vec<usize> = sides
+        .into_iter()
+        .filter(|&s| s <= config.size.max(256))
+        .collect();
+    let mut step_seconds = BTreeMap::new();
+    for &side in &sides {
+        progress(&format!("UNet step with CFG at {side}²"));
+        let latents = Tensor::<4>::random(
+            [2, 4, side / 8, side / 8],
+            Distribution::Normal(0.0, 1.0),
+            device,
+        );
+        let step = || {
+            models
+                .unet
+                .forward(latents.clone(), &[500.0], context.clone())
+                .into_data()
+        };
+        let (first, _) = time(device, step);
+        let (steady, _) = time(device, step);
+        report.record(&format!("unet_step_{side}_first"), first);
+        report.record(&format!("unet_step_{side}"), steady);
+        let flops = 2.0
+            * models
+                .unet_config
+                .flops(side / 8, side / 8, context.dims()[1]);
+        report.record(&format!("unet_step_{side}_gflops"), flops / steady / 1e9);
+        step_seconds.insert(side, steady);
+    }
+    let side = *sides.last().expect("at least 256");
+    let latent = Tensor::<4>::random(
+        [1, 4, side / 8, side / 8],
+        Distribution::Normal(0.0, 1.0),
+        device,
+    );
+
+    progress(&format!("VAE decode at {side}²"));
+    let decode = || models.vae.decode(latent.clone()).into_data();
+    let _ = time(device, decode);
+    report.record(&format!("vae_decode_{side}"), time(device, decode).0);
+
+    progress(&format!("TAESD decode at {side}²"));
+    let taesd = TaesdConfig::default().init(device);
+    let decode = || taesd.decode(latent.clone()).into_data();
+    let _ = time(device, decode);
+    report.record(&format!("taesd_decode_{side}"), time(device, decode).0);
+
+    progress("preview projection");
+    let factors = models.family.latent_rgb_factors();
+    let _ = crate::preview::project(&latent, &factors);
+    report.record(
+        &format!("preview_projection_{side}"),
+        time(device, || crate::preview::project(&latent, &factors)).0,
+    );
+
+    progress("a full 4-step generation at 256²");
+    let request = GenerationRequest {
+        prompt: "a photograph of an astronaut riding a horse".into(),
+        width: 256,
+        height: 256,
+        steps: 4,
+        sampler: Sampler::Euler,
+        ..GenerationRequest::default()
+    };
+    let (seconds, outcome) = time(device, || {
+        pipeline.generate(&request, &CancelToken::new(), &mut |_| {})
+    });
+    outcome?;
+    report.record("generate_256_4_steps", seconds);
+
+    progress(&format!("peak memory of a {side}² generation"));
+    reset_peak_rss();
+    let request = GenerationRequest {
+        width: side as u32,
+        height: side as u32,
+        steps: 1,
+        ..request
+    };
+    let (seconds, outcome) = time(device, || {
+        pipeline.generate(&request, &CancelToken::new(), &mut |_| {})
+    });
+    outcome?;
+    report.record(&format!("generate_{side}_1_step"), seconds);
+    if let Some(peak) = peak_rss() {
+        report.record(&format!("generate_{side}_peak_rss_bytes"), peak as f64);
+    }
+    Ok((report, models))
+}
