@@ -5,14 +5,21 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use mimalloc::MiMalloc;
 use studio::APP_ID;
 use studio::app::StudioApp;
 use studio::cli::{Cli, Command, generate};
+
+/// Tensors are large and short-lived: mimalloc reuses their memory where glibc's allocator unmaps
+/// it and faults it in again on every allocation (measured: 7-15% of a UNet step on the CPU).
+#[global_allocator]
+static ALLOCATOR: MiMalloc = MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Generate(args)) => generate(args),
+        Some(Command::Bench(args)) => studio::bench::bench(args),
         None => run_studio(cli.model),
     }
 }

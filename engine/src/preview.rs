@@ -26,5 +26,7 @@ pub fn project(denoised: &Tensor<4>, factors: &[[f32; 3]; 4]) -> RgbImage {
 
 /// TAESD's full-resolution decode of x̂₀ (latents as the UNet sees them).
 pub fn taesd(taesd: &Taesd, denoised: &Tensor<4>) -> RgbImage {
-    unit_tensor_to_image(to_unit_range(taesd.decode(denoised.clone().narrow(0, 0, 1))))
+    unit_tensor_to_image(to_unit_range(
+        taesd.decode(denoised.clone().narrow(0, 0, 1)),
+    ))
 }

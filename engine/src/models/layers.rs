@@ -92,16 +92,16 @@ pub fn multi_head_attention(
         softcap: None,
         is_causal: causal,
     };
-    attention(
-        split(q, len_q),
-        split(k, len_kv),
-        split(v, len_kv),
-        None,
-        None,
-        options,
-    )
-    .swap_dims(1, 2)
-    .reshape([batch, len_q, width])
+    let (q, k, v) = (split(q, len_q), split(k, len_kv), split(v, len_kv));
+    let out = if !causal
+        && q.device() == Device::flex()
+        && super::cpu_attention::worthwhile(len_q, len_kv)
+    {
+        super::cpu_attention::attention(q, k, v)
+    } else {
+        attention(q, k, v, None, None, options)
+    };
+    out.swap_dims(1, 2).reshape([batch, len_q, width])
 }
 
 /// diffusers' `Attention`: q/k/v projections, multi-head attention, an output projection, and for

@@ -2,6 +2,7 @@
 //! field names are the checkpoint's key segments.
 
 pub mod clip;
+pub mod cpu_attention;
 pub mod layers;
 pub mod taesd;
 pub mod unet;

@@ -1,16 +1,17 @@
-//! A safetensors file opened by its header alone: names, dtypes, shapes and byte ranges, with the
-//! tensor bytes left in a memory map until a model asks for them. Pickle checkpoints are refused
-//! before anything is parsed.
+//! A safetensors file opened by its header alone: names, dtypes, shapes and byte ranges. Tensor
+//! bytes stay on disk until a model asks for one, and are then read one tensor at a time, so loading
+//! never holds the file and the model in memory together. Pickle checkpoints are refused before
+//! anything is parsed.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use memmap2::Mmap;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
+use safetensors::tensor::Metadata;
 
 use crate::error::{EngineError, Result};
 
@@ -56,11 +57,11 @@ pub struct TensorInfo {
     pub bytes: Range<usize>,
 }
 
-/// A validated safetensors file, memory-mapped.
+/// A validated safetensors file.
 #[derive(Debug)]
 pub struct WeightFile {
     path: PathBuf,
-    map: Mmap,
+    file: Mutex<File>,
     tensors: BTreeMap<String, TensorInfo>,
     metadata: BTreeMap<String, String>,
 }
@@ -70,14 +71,33 @@ impl WeightFile {
     /// dtype and shape and lie inside the file.
     pub fn open(path: &Path) -> Result<Arc<Self>> {
         refuse_pickle(path)?;
-        let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
-        let map = map_file(&file).map_err(|e| EngineError::io(path, e))?;
+        let mut file = File::open(path).map_err(|e| EngineError::io(path, e))?;
         let corrupt = |reason: String| EngineError::CorruptWeights {
             path: path.to_path_buf(),
             reason,
         };
-        let (header_len, header) =
-            SafeTensors::read_metadata(&map).map_err(|e| corrupt(describe(&e)))?;
+        let file_len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
+        let mut length = [0u8; 8];
+        file.read_exact(&mut length)
+            .map_err(|_| corrupt("the file is too short for its header".into()))?;
+        let header_len = u64::from_le_bytes(length);
+        if header_len > MAX_HEADER || 8 + header_len > file_len {
+            return Err(corrupt(format!(
+                "the header claims {header_len} bytes; the file has {file_len}"
+            )));
+        }
+        let mut header_bytes = vec![0u8; header_len as usize];
+        file.read_exact(&mut header_bytes)
+            .map_err(|e| EngineError::io(path, e))?;
+        // Deserialising validates the offsets: contiguous, and each the size of its dtype and shape.
+        let header: Metadata =
+            serde_json::from_slice(&header_bytes).map_err(|e| corrupt(describe(&e)))?;
+        if 8 + header_len + header.data_len() as u64 != file_len {
+            return Err(corrupt(
+                "the header describes more (or less) data than the file holds".into(),
+            ));
+        }
+        let header_len = header_len as usize;
         let data_start = 8 + header_len;
         let mut tensors = BTreeMap::new();
         for (name, info) in header.tensors() {
@@ -98,7 +118,7 @@ impl WeightFile {
             .unwrap_or_default();
         Ok(Arc::new(Self {
             path: path.to_path_buf(),
-            map,
+            file: Mutex::new(file),
             tensors,
             metadata,
         }))
@@ -121,31 +141,29 @@ impl WeightFile {
         &self.metadata
     }
 
-    /// The raw little-endian bytes of a range returned in a [`TensorInfo`].
-    pub fn bytes(&self, range: Range<usize>) -> &[u8] {
-        &self.map[range]
+    /// Reads the raw little-endian bytes of a range returned in a [`TensorInfo`].
+    pub fn read(&self, range: Range<usize>) -> std::io::Result<Vec<u8>> {
+        let mut bytes = vec![0u8; range.len()];
+        // A poisoned lock only means another read panicked; the file handle itself is fine.
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        file.seek(SeekFrom::Start(range.start as u64))?;
+        file.read_exact(&mut bytes)?;
+        Ok(bytes)
     }
 }
 
-#[allow(unsafe_code)]
-fn map_file(file: &File) -> std::io::Result<Mmap> {
-    // SAFETY: the map is only read. Another process truncating the file while it is mapped could
-    // fault the reads (as with every memory-mapped loader); weights are not expected to change
-    // under a running studio, and the header was validated against the length mapped here.
-    unsafe { Mmap::map(file) }
-}
+/// safetensors' own limit on header size.
+const MAX_HEADER: u64 = 100_000_000;
 
-fn describe(error: &safetensors::SafeTensorError) -> String {
-    use safetensors::SafeTensorError as E;
-    match error {
-        E::MetadataIncompleteBuffer => {
-            "the header describes more (or less) data than the file holds".into()
-        }
-        E::InvalidOffset(name) => format!("tensor '{name}' has an invalid byte range"),
-        E::TensorInvalidInfo => "a tensor's byte range does not match its dtype and shape".into(),
-        E::HeaderTooSmall | E::InvalidHeaderLength => "the file is too short for its header".into(),
-        E::HeaderTooLarge => "the header length is implausibly large".into(),
-        other => other.to_string(),
+/// What is wrong with a header, in words.
+fn describe(error: &serde_json::Error) -> String {
+    let message = error.to_string();
+    if message.contains("InvalidOffset") || message.contains("invalid offset") {
+        "a tensor has an invalid byte range".into()
+    } else if message.contains("TensorInvalidInfo") {
+        "a tensor's byte range does not match its dtype and shape".into()
+    } else {
+        format!("the header is not valid safetensors JSON ({message})")
     }
 }
 

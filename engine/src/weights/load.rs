@@ -1,7 +1,7 @@
 //! Strict loading of safetensors weights into Burn modules through burn-store.
 //!
-//! Each weight becomes a lazy `burn_pack::Tensor` whose bytes are read from the memory map and
-//! widened to f32 only when the module takes it, so peak memory is the model plus one tensor. The
+//! Each weight becomes a lazy `burn_pack::Tensor` whose bytes are read from the file and widened to
+//! f32 only when the module takes it, so peak memory is the model plus one tensor. The
 //! module tree's names are the diffusers key names (see `remap.rs` for the few exceptions), and
 //! burn-store's `PyTorchToBurnAdapter` transposes linear weights and renames norm parameters.
 //! Anything missing, left over or mis-shaped is an error that names the keys (burn-store
@@ -11,7 +11,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
-use burn::store::burn_pack::Tensor as PackTensor;
+use burn::store::burn_pack::{self, Tensor as PackTensor};
 use burn::store::{ApplyError, ModuleSnapshot, PyTorchToBurnAdapter};
 use burn::tensor::{Bytes, DType};
 
@@ -76,7 +76,12 @@ impl WeightSlice {
             self.shape,
             None,
             elements * 4,
-            move || Ok(Bytes::from_elems(widen(dtype, file.bytes(bytes.clone())))),
+            move || {
+                let raw = file.read(bytes.clone()).map_err(|e| {
+                    burn_pack::Error::IoError(format!("{}: {e}", file.path().display()))
+                })?;
+                Ok(Bytes::from_elems(widen(dtype, &raw)))
+            },
         ))
     }
 }
