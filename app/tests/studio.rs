@@ -278,6 +278,49 @@ fn generating_shows_progress_and_preview_and_the_image_lands_in_the_gallery() {
 }
 
 #[test]
+fn a_click_counts_when_the_thumbnail_arrives_between_press_and_release() {
+    let mut s = studio("thumbnail-click", Settings::default());
+    s.loaded();
+    s.harness.get_by_label("Generate").click();
+    s.harness.run_steps(2);
+    s.push(Event::JobStarted { job: 1 });
+    // Large enough that decoding its thumbnail takes a while after the item shows.
+    let image = RgbImage::from_fn(4096, 4096, |x, y| image::Rgb([x as u8, y as u8, 90]));
+    s.push(Event::ImageFinished {
+        job: 1,
+        image: GeneratedImage { image, seed: 5 },
+    });
+    s.push(Event::JobFinished {
+        job: 1,
+        images: 1,
+        seconds: 1.0,
+    });
+    s.wait_for("the gallery item", |app| {
+        app.gallery().is_some_and(|g| g.items().len() == 1)
+    });
+    let item = s.harness.get_by_label_contains("image 5:");
+    let at = item.rect().center();
+    item.hover();
+    s.harness.event(egui::Event::PointerButton {
+        pos: at,
+        button: egui::PointerButton::Primary,
+        pressed: true,
+        modifiers: Modifiers::default(),
+    });
+    s.harness.step();
+    // The thumbnail lands in the frame that sees the release.
+    std::thread::sleep(Duration::from_secs(3));
+    s.harness.event(egui::Event::PointerButton {
+        pos: at,
+        button: egui::PointerButton::Primary,
+        pressed: false,
+        modifiers: Modifiers::default(),
+    });
+    s.harness.run_steps(4);
+    s.harness.get_by_label("Delete");
+}
+
+#[test]
 fn escape_and_the_cancel_button_cancel_the_job() {
     let mut s = studio("cancel", Settings::default());
     s.loaded();

@@ -98,12 +98,38 @@ fn thumbnail(
 ) {
     let prompt = &item.metadata.request.prompt;
     let label = format!("image {}: {}", item.metadata.seed, prompt);
-    let response = match cache.get(gallery, item) {
-        Some(texture) => ui.add(egui::Button::image(
-            egui::Image::new(texture).fit_to_exact_size(Vec2::splat(size)),
-        )),
-        None => ui.add_sized([size, size], egui::Button::new("…")),
-    };
+    // One allocation whether or not the thumbnail has arrived, so the widget keeps its id and size
+    // when the texture lands between a press and its release.
+    let (rect, response) = ui.allocate_exact_size(Vec2::splat(size), egui::Sense::click());
+    if ui.is_rect_visible(rect) {
+        let visuals = ui.style().interact(&response);
+        ui.painter()
+            .rect_filled(rect, visuals.corner_radius, visuals.weak_bg_fill);
+        match cache.get(gallery, item) {
+            Some(texture) => {
+                let inner = rect.shrink(2.0);
+                let scale = (inner.size() / texture.size_vec2()).min_elem();
+                let fitted =
+                    egui::Rect::from_center_size(inner.center(), texture.size_vec2() * scale);
+                egui::Image::new(texture).paint_at(ui, fitted);
+            }
+            None => {
+                ui.painter().text(
+                    rect.center(),
+                    egui::Align2::CENTER_CENTER,
+                    "…",
+                    egui::TextStyle::Button.resolve(ui.style()),
+                    visuals.text_color(),
+                );
+            }
+        }
+        ui.painter().rect_stroke(
+            rect,
+            visuals.corner_radius,
+            visuals.bg_stroke,
+            egui::StrokeKind::Inside,
+        );
+    }
     response.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Button, true, &label));
     let response = response.on_hover_text(format!(
         "{prompt}\nseed {} · {}×{}",
