@@ -34,6 +34,10 @@ pub struct BenchArgs {
     /// Measure the UI's frame time (needs no display): while generating, and while painting.
     #[arg(long)]
     pub frames: bool,
+    /// Measure this checkpoint instead of writing a random SD1.5-sized one (with a small --size,
+    /// e.g. the tiny test model on a slow backend).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Print ours/torch ratios from two JSON result files instead of measuring.
     #[arg(long, num_args = 2, value_names = ["OURS", "TORCH"])]
     pub compare: Option<Vec<PathBuf>>,
@@ -65,6 +69,7 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
     let config = BenchConfig {
         size: args.size,
         scratch: scratch.clone(),
+        model: args.model.clone(),
     };
     let (mut report, models) = run(&device.device, &config, |what| {
         eprintln!("[{:6.1} s] {what}", started.elapsed().as_secs_f32());
@@ -75,11 +80,11 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
     report.threads = threads();
     if args.frames {
         eprintln!("[{:6.1} s] UI frame time", started.elapsed().as_secs_f32());
-        frame_times(
-            &scratch.join("sd15-random"),
-            args.backend,
-            &mut report.results,
-        )?;
+        let model = args
+            .model
+            .clone()
+            .unwrap_or_else(|| scratch.join("sd15-random"));
+        frame_times(&model, args.backend, &mut report.results)?;
     }
     print_table(&report);
     let json = serde_json::to_string(&report)?;
@@ -247,6 +252,41 @@ fn frame_times(model: &Path, backend: Backend, results: &mut BTreeMap<String, f6
     }
     frame(&mut app, vec![press(start, false)]);
     record(results, "ui_frame_painting_2048", &mut painting);
+
+    // A history of 1,000 images, scrolled through.
+    let gallery = app.gallery().context("the gallery is unavailable")?;
+    for seed in 0..1000 {
+        let request = studio_engine::GenerationRequest {
+            prompt: format!("study {seed}"),
+            ..Default::default()
+        };
+        let metadata = crate::gallery::metadata::ImageMetadata::new(&request, seed, "bench", None);
+        gallery.add(
+            image::RgbImage::from_pixel(64, 64, image::Rgb([seed as u8, 90, 160])),
+            metadata,
+        );
+    }
+    while app.gallery().is_some_and(|g| g.items().len() < 1000) {
+        anyhow::ensure!(Instant::now() < deadline, "the gallery did not fill");
+        frame(&mut app, Vec::new());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut browsing = Vec::new();
+    let over_gallery = egui::pos2(1150.0, 400.0);
+    for _ in 0..240 {
+        let scroll = egui::Event::MouseWheel {
+            unit: egui::MouseWheelUnit::Point,
+            delta: egui::vec2(0.0, -60.0),
+            phase: egui::TouchPhase::Move,
+            source: egui::MouseWheelSource::Wheel,
+            modifiers: Default::default(),
+        };
+        browsing.push(frame(
+            &mut app,
+            vec![egui::Event::PointerMoved(over_gallery), scroll],
+        ));
+    }
+    record(results, "ui_frame_gallery_1000", &mut browsing);
     Ok(())
 }
 

@@ -171,6 +171,9 @@ pub struct BenchConfig {
     pub size: usize,
     /// Where the random checkpoint is written.
     pub scratch: std::path::PathBuf,
+    /// Measure this checkpoint instead of a random SD1.5-sized one (e.g. a tiny model on a slow
+    /// backend).
+    pub model: Option<std::path::PathBuf>,
 }
 
 /// Runs every measurement on `device`, reporting progress in words.
@@ -183,15 +186,23 @@ pub fn run(
     progress("matrix-multiply rate");
     report.record("matmul_gflops", matmul_gflops(device, 2048));
 
-    progress("writing an SD1.5-sized random checkpoint");
-    let folder = config.scratch.join("sd15-random");
-    let weights = write_random_checkpoint(&folder, device)?;
-    report.record("weights_bytes", weights as f64);
+    let folder = match &config.model {
+        Some(model) => model.clone(),
+        None => {
+            progress("writing an SD1.5-sized random checkpoint");
+            let folder = config.scratch.join("sd15-random");
+            write_random_checkpoint(&folder, device)?;
+            folder
+        }
+    };
 
     progress("loading it");
     reset_peak_rss();
     let (seconds, models) = time(device, || Checkpoint::open(&folder)?.load_all(device));
     let models = models?;
+    let weights =
+        models.text_encoder.num_params() + models.unet.num_params() + models.vae.num_params();
+    report.record("weights_bytes", weights as f64 * 4.0);
     report.record("load_seconds", seconds);
     report.record("load_peak_rss_bytes", peak_rss().unwrap_or(0) as f64);
     let pipeline = Pipeline {
@@ -210,14 +221,11 @@ pub fn run(
     report.record("text_encode", steady);
     let context = pipeline.conditioning("a photograph of an astronaut riding a horse", Some(""))?;
 
-    let mut sides = vec![256];
-    if config.size >= 512 {
-        sides.push(512);
-    }
-    let sides: Vec<usize> = sides
-        .into_iter()
-        .filter(|&s| s <= config.size.max(256))
-        .collect();
+    let sides = if config.size >= 512 {
+        vec![256, config.size]
+    } else {
+        vec![config.size]
+    };
     let mut step_seconds = BTreeMap::new();
     for &side in &sides {
         progress(&format!("UNet step with CFG at {side}²"));
@@ -269,11 +277,12 @@ pub fn run(
         time(device, || crate::preview::project(&latent, &factors)).0,
     );
 
-    progress("a full 4-step generation at 256²");
+    let small = sides[0] as u32;
+    progress(&format!("a full 4-step generation at {small}²"));
     let request = GenerationRequest {
         prompt: "a photograph of an astronaut riding a horse".into(),
-        width: 256,
-        height: 256,
+        width: small,
+        height: small,
         steps: 4,
         sampler: Sampler::Euler,
         ..GenerationRequest::default()
@@ -282,7 +291,7 @@ pub fn run(
         pipeline.generate(&request, &CancelToken::new(), &mut |_| {})
     });
     outcome?;
-    report.record("generate_256_4_steps", seconds);
+    report.record(&format!("generate_{small}_4_steps"), seconds);
 
     progress(&format!("peak memory of a {side}² generation"));
     reset_peak_rss();
