@@ -130,6 +130,22 @@ impl Studio {
         self.harness.run_steps(2);
     }
 
+    /// Job 1 finishes with one image, which lands in the (empty) gallery.
+    fn finish_first_job(&mut self, image: RgbImage, seed: u64) {
+        self.push(Event::ImageFinished {
+            job: 1,
+            image: GeneratedImage { image, seed },
+        });
+        self.push(Event::JobFinished {
+            job: 1,
+            images: 1,
+            seconds: 1.0,
+        });
+        self.wait_for("the gallery item", |app| {
+            app.gallery().is_some_and(|g| g.items().len() == 1)
+        });
+    }
+
     /// Steps the UI until `done` holds (the gallery writes on its own thread).
     fn wait_for(&mut self, what: &str, done: impl Fn(&StudioApp) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -215,19 +231,7 @@ fn generating_shows_progress_and_preview_and_the_image_lands_in_the_gallery() {
     s.harness.get_by_label_contains("step 3/10");
     s.harness.get_by_label_contains("preview · step 3");
 
-    let image = RgbImage::from_pixel(64, 64, image::Rgb([10, 200, 10]));
-    s.push(Event::ImageFinished {
-        job: 1,
-        image: GeneratedImage { image, seed: 77 },
-    });
-    s.push(Event::JobFinished {
-        job: 1,
-        images: 1,
-        seconds: 1.0,
-    });
-    s.wait_for("the gallery item", |app| {
-        app.gallery().is_some_and(|g| g.items().len() == 1)
-    });
+    s.finish_first_job(RgbImage::from_pixel(64, 64, image::Rgb([10, 200, 10])), 77);
     s.harness.run_steps(2);
     s.harness
         .get_by_label_contains("image 77: a lighthouse at dusk");
@@ -285,19 +289,10 @@ fn a_click_counts_when_the_thumbnail_arrives_between_press_and_release() {
     s.harness.run_steps(2);
     s.push(Event::JobStarted { job: 1 });
     // Large enough that decoding its thumbnail takes a while after the item shows.
-    let image = RgbImage::from_fn(4096, 4096, |x, y| image::Rgb([x as u8, y as u8, 90]));
-    s.push(Event::ImageFinished {
-        job: 1,
-        image: GeneratedImage { image, seed: 5 },
-    });
-    s.push(Event::JobFinished {
-        job: 1,
-        images: 1,
-        seconds: 1.0,
-    });
-    s.wait_for("the gallery item", |app| {
-        app.gallery().is_some_and(|g| g.items().len() == 1)
-    });
+    s.finish_first_job(
+        RgbImage::from_fn(4096, 4096, |x, y| image::Rgb([x as u8, y as u8, 90])),
+        5,
+    );
     let item = s.harness.get_by_label_contains("image 5:");
     let at = item.rect().center();
     item.hover();
