@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the studio and its tests need on Debian/Ubuntu:
 #   mesa-vulkan-drivers, libvulkan1  a Vulkan driver (lavapipe on machines without a GPU) for wgpu
-#   xvfb                             a virtual display for the GUI tests and screenshots
+#   xvfb                             a virtual display for headless windows (scripts/screenshot.sh)
 # Everything else comes from crates.io through cargo.
 set -euo pipefail
 packages=(mesa-vulkan-drivers libvulkan1 xvfb)
