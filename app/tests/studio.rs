@@ -130,6 +130,11 @@ impl Studio {
         self.harness.run_steps(2);
     }
 
+    fn canvas_size(&self) -> Option<(u32, u32)> {
+        let canvas = &self.harness.state().runtime.canvas;
+        canvas.image().map(|image| image.dimensions())
+    }
+
     /// Job 1 finishes with one image, which lands in the (empty) gallery.
     fn finish_first_job(&mut self, image: RgbImage, seed: u64) {
         self.push(Event::ImageFinished {
@@ -154,6 +159,15 @@ impl Studio {
             self.harness.step();
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+fn primary_button(pos: Pos2, pressed: bool) -> egui::Event {
+    egui::Event::PointerButton {
+        pos,
+        button: egui::PointerButton::Primary,
+        pressed,
+        modifiers: Modifiers::default(),
     }
 }
 
@@ -258,16 +272,7 @@ fn generating_shows_progress_and_preview_and_the_image_lands_in_the_gallery() {
     s.harness.run_steps(4);
     s.harness.get_by_label("Send to canvas").click();
     s.harness.run_steps(2);
-    assert_eq!(
-        s.harness
-            .state()
-            .runtime
-            .canvas
-            .image()
-            .unwrap()
-            .dimensions(),
-        (64, 64)
-    );
+    assert_eq!(s.canvas_size(), Some((64, 64)));
     s.harness
         .get_by_label_contains("image 77: a lighthouse at dusk")
         .click();
@@ -296,21 +301,11 @@ fn a_click_counts_when_the_thumbnail_arrives_between_press_and_release() {
     let item = s.harness.get_by_label_contains("image 5:");
     let at = item.rect().center();
     item.hover();
-    s.harness.event(egui::Event::PointerButton {
-        pos: at,
-        button: egui::PointerButton::Primary,
-        pressed: true,
-        modifiers: Modifiers::default(),
-    });
+    s.harness.event(primary_button(at, true));
     s.harness.step();
     // The thumbnail lands in the frame that sees the release.
     std::thread::sleep(Duration::from_secs(3));
-    s.harness.event(egui::Event::PointerButton {
-        pos: at,
-        button: egui::PointerButton::Primary,
-        pressed: false,
-        modifiers: Modifiers::default(),
-    });
+    s.harness.event(primary_button(at, false));
     s.harness.run_steps(4);
     s.harness.get_by_label("Delete");
 }
@@ -382,24 +377,14 @@ fn painting_the_mask_and_undo_redo() {
         rect.center() + egui::vec2(60.0, 0.0),
     );
     s.harness.event(egui::Event::PointerMoved(a));
-    s.harness.event(egui::Event::PointerButton {
-        pos: a,
-        button: egui::PointerButton::Primary,
-        pressed: true,
-        modifiers: Modifiers::NONE,
-    });
+    s.harness.event(primary_button(a, true));
     s.harness.step();
     for i in 1..=10 {
         let p = a + (b - a) * (i as f32 / 10.0);
         s.harness.event(egui::Event::PointerMoved(p));
         s.harness.step();
     }
-    s.harness.event(egui::Event::PointerButton {
-        pos: b,
-        button: egui::PointerButton::Primary,
-        pressed: false,
-        modifiers: Modifiers::NONE,
-    });
+    s.harness.event(primary_button(b, false));
     s.harness.run_steps(2);
     let painted = |app: &StudioApp| {
         app.runtime
@@ -577,7 +562,7 @@ fn a_dropped_png_restores_its_parameters_and_can_become_the_init_image() {
         ("a castle, fog", 31, 4242, 5.5)
     );
     assert_eq!(settings.schedule.id(), "karras");
-    assert!(s.harness.state().runtime.canvas.image().is_none());
+    assert_eq!(s.canvas_size(), None);
     s.harness
         .input_mut()
         .dropped_files
@@ -585,16 +570,7 @@ fn a_dropped_png_restores_its_parameters_and_can_become_the_init_image() {
     s.harness.run_steps(2);
     s.harness.get_by_label("Use as init image").click();
     s.harness.run_steps(2);
-    assert_eq!(
-        s.harness
-            .state()
-            .runtime
-            .canvas
-            .image()
-            .unwrap()
-            .dimensions(),
-        (128, 96)
-    );
+    assert_eq!(s.canvas_size(), Some((128, 96)));
 }
 
 #[test]
