@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use studio_engine::{Device, Tensor};
+use studio_engine::{Checkpoint, Device, StableDiffusion, Tensor};
 
 /// `tests/fixtures/`.
 pub fn fixtures() -> PathBuf {
@@ -13,6 +13,13 @@ pub fn fixtures() -> PathBuf {
 
 pub fn model(name: &str) -> PathBuf {
     fixtures().join("models").join(name)
+}
+
+/// A fixture model, loaded whole on the CPU.
+pub fn load_model(name: &str) -> StableDiffusion {
+    Checkpoint::open(&model(name))
+        .and_then(|checkpoint| checkpoint.load_all(&Device::flex()))
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 /// A float tensor of a reference dump.

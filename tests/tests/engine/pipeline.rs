@@ -4,10 +4,10 @@
 //! agree within 1e-3 of their scale, the final image within 1e-3 in [0, 1].
 
 use serde_json::Value;
+use studio_engine::Tensor;
 use studio_engine::pipeline::{CancelToken, Outcome, Pipeline};
 use studio_engine::request::{GenerationRequest, Sampler, Schedule};
-use studio_engine::{Checkpoint, Device, Tensor};
-use studio_tests::{Reference, assert_close, fixtures, max_error, model};
+use studio_tests::{Reference, assert_close, fixtures, load_model, max_error};
 
 const STEP_TOLERANCE: f32 = 1e-3;
 const IMAGE_TOLERANCE: f32 = 1e-3;
@@ -53,11 +53,7 @@ fn works_on_x_t(sampler: Sampler) -> bool {
 
 fn check(case: &Value) {
     let name = case["name"].as_str().unwrap();
-    let device = Device::flex();
-    let models = Checkpoint::open(&model(case["model"].as_str().unwrap()))
-        .unwrap()
-        .load_all(&device)
-        .unwrap();
+    let models = load_model(case["model"].as_str().unwrap());
     let pipeline = Pipeline {
         models: &models,
         taesd: None,

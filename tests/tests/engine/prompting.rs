@@ -4,8 +4,8 @@
 use studio_engine::pipeline::{CancelToken, Outcome, Pipeline};
 use studio_engine::prompt::tokenize;
 use studio_engine::tokenizer::{ClipTokenizer, PadToken};
-use studio_engine::{Checkpoint, Device, GenerationRequest, Outpaint, Tensor};
-use studio_tests::{max_error, model};
+use studio_engine::{GenerationRequest, Outpaint, Tensor};
+use studio_tests::{load_model, max_error};
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().try_to_vec::<f32>().unwrap()
@@ -38,11 +38,7 @@ fn long_prompts_are_cut_into_chunks_at_a_recent_comma() {
 
 #[test]
 fn emphasis_scales_the_weighted_tokens_and_keeps_the_mean() {
-    let device = Device::flex();
-    let models = Checkpoint::open(&model("sd1"))
-        .unwrap()
-        .load_all(&device)
-        .unwrap();
+    let models = load_model("sd1");
     let pipeline = Pipeline {
         models: &models,
         taesd: None,
@@ -92,11 +88,7 @@ fn emphasis_scales_the_weighted_tokens_and_keeps_the_mean() {
 
 #[test]
 fn outpainting_grows_the_canvas_and_keeps_the_image_away_from_the_seam() {
-    let device = Device::flex();
-    let models = Checkpoint::open(&model("sd1-inpaint"))
-        .unwrap()
-        .load_all(&device)
-        .unwrap();
+    let models = load_model("sd1-inpaint");
     let pipeline = Pipeline {
         models: &models,
         taesd: None,
