@@ -8,6 +8,8 @@
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
+use super::cpu_gemm::{Dst, Matrix, matmul};
+
 /// Query rows per block: 128 rows × 4096 keys of f32 scores is 2 MiB.
 const BLOCK: usize = 128;
 
@@ -48,76 +50,28 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
                 // scores = scale · Q[start..] Kᵀ (K row-major, read as its transpose)
                 matmul(
                     scores,
-                    (rows, len_kv, d),
-                    &q[start * d..(start + rows) * d],
-                    (d, 1),
-                    k,
-                    (1, d),
+                    len_kv,
+                    Dst::Overwrite,
+                    Matrix::new(&q[start * d..(start + rows) * d], rows, d, d),
+                    Matrix::transpose_of(k, d, len_kv, d),
                     scale,
+                    false,
                 );
                 for row in scores.chunks_exact_mut(len_kv) {
                     softmax_in_place(row);
                 }
                 matmul(
                     &mut out[start * dv..(start + rows) * dv],
-                    (rows, dv, len_kv),
-                    scores,
-                    (len_kv, 1),
-                    v,
-                    (dv, 1),
+                    dv,
+                    Dst::Overwrite,
+                    Matrix::new(scores, rows, len_kv, len_kv),
+                    Matrix::new(v, len_kv, dv, dv),
                     1.0,
+                    false,
                 );
             }
         });
     Tensor::from_data(TensorData::new(out, [batch, heads, len_q, dv]), &device)
-}
-
-/// `dst[m×n] = alpha · lhs[m×k] · rhs[k×n]`, all row-major in `dst`; `lhs` and `rhs` are given with
-/// their (row, column) strides.
-fn matmul(
-    dst: &mut [f32],
-    (m, n, k): (usize, usize, usize),
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
-    alpha: f32,
-) {
-    assert_eq!(dst.len(), m * n, "destination size");
-    assert!(
-        lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs,
-        "left operand bounds"
-    );
-    assert!(
-        rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs,
-        "right operand bounds"
-    );
-    #[allow(unsafe_code)]
-    // SAFETY: the asserts above keep every element gemm addresses inside the three slices; `dst`
-    // is borrowed mutably and does not overlap the operands.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            0.0,
-            alpha,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
 }
 
 fn softmax_in_place(row: &mut [f32]) {

@@ -7,9 +7,11 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{
     GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d,
 };
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::module::{attention, interpolate};
+use burn::tensor::ops::{AttentionModuleOptions, InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor};
+
+use super::cpu_conv;
 
 /// A `k×k` convolution with symmetric `padding`.
 pub fn conv2d(
@@ -27,6 +29,38 @@ pub fn conv2d(
         ))
         .with_bias(bias)
         .init(device)
+}
+
+/// `conv(x)`, through the CPU convolution kernel where it applies.
+pub fn convolve(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    convolve_fused(conv, x, false, None)
+}
+
+/// `conv(upsample?(x)) + residual?`: a nearest 2× upsampling in front and a residual added after,
+/// folded into the CPU convolution kernel where it applies.
+pub fn convolve_fused(
+    conv: &Conv2d,
+    x: Tensor<4>,
+    upsample: bool,
+    residual: Option<Tensor<4>>,
+) -> Tensor<4> {
+    if let Some(geometry) = cpu_conv::plan(conv, &x, upsample) {
+        return cpu_conv::run(conv, x, residual, &geometry);
+    }
+    let x = if upsample {
+        let [_, _, h, w] = x.dims();
+        interpolate(
+            x,
+            InterpolateOptions::new(InterpolateMode::Nearest).with_output_size([2 * h, 2 * w]),
+        )
+    } else {
+        x
+    };
+    let y = conv.forward(x);
+    match residual {
+        Some(residual) => residual + y,
+        None => y,
+    }
 }
 
 pub fn linear(d_input: usize, d_output: usize, bias: bool, device: &Device) -> Linear {

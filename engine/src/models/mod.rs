@@ -3,6 +3,8 @@
 
 pub mod clip;
 pub mod cpu_attention;
+pub mod cpu_conv;
+pub mod cpu_gemm;
 pub mod layers;
 pub mod taesd;
 pub mod unet;

@@ -11,7 +11,7 @@ use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::layers::conv2d;
+use super::layers::{conv2d, convolve, convolve_fused};
 
 /// `config.json` of an `AutoencoderTiny`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -169,13 +169,20 @@ impl TaesdConfig {
 impl TinyLayer {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         match self {
-            Self::Conv(conv) => conv.forward(x),
+            Self::Conv(conv) => convolve(conv, x),
             Self::Block(block) => {
                 let skip = match &block.skip {
-                    Some(conv) => conv.forward(x.clone()),
+                    Some(conv) => convolve(conv, x.clone()),
                     None => x.clone(),
                 };
-                relu(run(&block.conv, x) + skip)
+                // The last convolution adds the skip connection as it writes its output.
+                let (last, inner) = block.conv.split_last().expect("a block has layers");
+                match last {
+                    Self::Conv(conv) => {
+                        relu(convolve_fused(conv, run(inner, x), false, Some(skip)))
+                    }
+                    _ => relu(run(&block.conv, x) + skip),
+                }
             }
             Self::Relu(_) => relu(x),
             Self::Upsample(_) => {
@@ -190,8 +197,20 @@ impl TinyLayer {
     }
 }
 
+/// The layers in order; an upsampling followed by a convolution runs as one fused step.
 fn run(layers: &[TinyLayer], x: Tensor<4>) -> Tensor<4> {
-    layers.iter().fold(x, |x, layer| layer.forward(x))
+    let mut x = x;
+    let mut layers = layers.iter().peekable();
+    while let Some(layer) = layers.next() {
+        x = match (layer, layers.peek()) {
+            (TinyLayer::Upsample(_), Some(TinyLayer::Conv(conv))) => {
+                layers.next();
+                convolve_fused(conv, x, true, None)
+            }
+            _ => layer.forward(x),
+        };
+    }
+    x
 }
 
 impl Taesd {

@@ -8,7 +8,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::layers::{Attention, AttentionConfig, check_groups, conv2d, group_norm};
+use super::layers::{Attention, AttentionConfig, check_groups, conv2d, convolve, group_norm};
 use super::unet::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::noise::TorchRng;
 
@@ -245,7 +245,7 @@ impl AutoencoderKl {
     /// image: [batch, 3, h, w] in [-1, 1] → latents [batch, latent, h/f, w/f] (unscaled)
     pub fn encode(&self, image: Tensor<4>) -> LatentDistribution {
         let e = &self.encoder;
-        let mut x = e.conv_in.forward(image);
+        let mut x = convolve(&e.conv_in, image);
         for block in &e.down_blocks {
             for resnet in &block.resnets {
                 x = resnet.forward(x, None);
@@ -255,8 +255,8 @@ impl AutoencoderKl {
             }
         }
         let x = e.mid_block.forward(x);
-        let x = e.conv_out.forward(silu(e.conv_norm_out.forward(x)));
-        let moments = self.quant_conv.forward(x);
+        let x = convolve(&e.conv_out, silu(e.conv_norm_out.forward(x)));
+        let moments = convolve(&self.quant_conv, x);
         let [mean, logvar] = moments.chunk(2, 1).try_into().expect("two halves");
         let std = logvar.clamp(-30.0, 20.0).mul_scalar(0.5).exp();
         LatentDistribution { mean, std }
@@ -266,7 +266,7 @@ impl AutoencoderKl {
     /// latents: [batch, latent, h, w] (unscaled) → image [batch, 3, h·f, w·f], roughly in [-1, 1]
     pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
         let d = &self.decoder;
-        let x = d.conv_in.forward(self.post_quant_conv.forward(latents));
+        let x = convolve(&d.conv_in, convolve(&self.post_quant_conv, latents));
         let mut x = d.mid_block.forward(x);
         for block in &d.up_blocks {
             for resnet in &block.resnets {
@@ -276,6 +276,6 @@ impl AutoencoderKl {
                 x = upsampler.forward(x, None);
             }
         }
-        d.conv_out.forward(silu(d.conv_norm_out.forward(x)))
+        convolve(&d.conv_out, silu(d.conv_norm_out.forward(x)))
     }
 }

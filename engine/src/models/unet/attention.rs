@@ -8,7 +8,9 @@ use burn::nn::{GroupNorm, LayerNorm, Linear};
 use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Tensor};
 
-use crate::models::layers::{Attention, AttentionConfig, conv2d, group_norm, layer_norm, linear};
+use crate::models::layers::{
+    Attention, AttentionConfig, conv2d, convolve, convolve_fused, group_norm, layer_norm, linear,
+};
 
 /// The projection into and out of the transformer: a 1×1 convolution (SD1) or a linear layer on the
 /// flattened pixels (`use_linear_projection`, SD2). Both hold `weight`/`bias` under the same key.
@@ -112,17 +114,16 @@ impl Transformer2DModel {
         let to_map = |x: Tensor<3>| x.swap_dims(1, 2).reshape([batch, channels, height, width]);
         let h = self.norm.forward(x.clone());
         let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(conv.forward(h)),
+            Projection::Conv(conv) => to_tokens(convolve(conv, h)),
             Projection::Linear(linear) => linear.forward(to_tokens(h)),
         };
         for block in &self.transformer_blocks {
             tokens = block.forward(tokens, context);
         }
-        let h = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(to_map(tokens)),
-            Projection::Linear(linear) => to_map(linear.forward(tokens)),
-        };
-        h + x
+        match &self.proj_out {
+            Projection::Conv(conv) => convolve_fused(conv, to_map(tokens), false, Some(x)),
+            Projection::Linear(linear) => to_map(linear.forward(tokens)) + x,
+        }
     }
 }
 

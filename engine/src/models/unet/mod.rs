@@ -18,7 +18,7 @@ use self::attention::TransformerConfig;
 use self::blocks::{DownBlock, MidBlock, UpBlock};
 use self::embeddings::{TimestepEmbedding, timestep_embedding};
 use self::resnet::{Downsample2D, ResnetConfig, Upsample2D};
-use crate::models::layers::{check_groups, conv2d, group_norm};
+use crate::models::layers::{check_groups, conv2d, convolve, group_norm};
 
 /// A per-block setting that configs give either once for all blocks or as a list.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -413,7 +413,7 @@ impl UNet2DConditionModel {
             &x.device(),
         ));
 
-        let mut x = self.conv_in.forward(x);
+        let mut x = convolve(&self.conv_in, x);
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
             x = block.forward(x, &temb, &context, &mut skips);
@@ -422,6 +422,6 @@ impl UNet2DConditionModel {
         for block in &self.up_blocks {
             x = block.forward(x, &temb, &context, &mut skips);
         }
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        convolve(&self.conv_out, silu(self.conv_norm_out.forward(x)))
     }
 }

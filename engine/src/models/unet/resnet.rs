@@ -9,7 +9,7 @@ use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions, PadMode};
 use burn::tensor::{Device, Tensor};
 
-use crate::models::layers::{conv2d, group_norm, linear};
+use crate::models::layers::{conv2d, convolve, convolve_fused, group_norm, linear};
 
 /// `ResnetBlock2D`: two norm–SiLU–conv stages, the time embedding added in between when given, and
 /// a 1×1 convolution on the shortcut when the channel count changes.
@@ -51,19 +51,23 @@ impl ResnetBlock2D {
     /// # Shapes
     /// x: [batch, in_channels, h, w], temb: [batch, temb_channels] → [batch, out_channels, h, w]
     pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
-        let mut h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let mut h = convolve(&self.conv1, silu(self.norm1.forward(x.clone())));
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             h = h + proj
                 .forward(silu(temb.clone()))
                 .unsqueeze_dim::<3>(2)
                 .unsqueeze_dim::<4>(3);
         }
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
         let shortcut = match &self.conv_shortcut {
-            Some(conv) => conv.forward(x),
+            Some(conv) => convolve(conv, x),
             None => x,
         };
-        shortcut + h
+        convolve_fused(
+            &self.conv2,
+            silu(self.norm2.forward(h)),
+            false,
+            Some(shortcut),
+        )
     }
 }
 
@@ -92,7 +96,7 @@ impl Downsample2D {
         } else {
             x
         };
-        self.conv.forward(x)
+        convolve(&self.conv, x)
     }
 }
 
@@ -115,11 +119,15 @@ impl Upsample2D {
     /// x: [batch, channels, h, w] → [batch, channels, size or 2h×2w]
     pub fn forward(&self, x: Tensor<4>, size: Option<[usize; 2]>) -> Tensor<4> {
         let [_, _, h, w] = x.dims();
-        let size = size.unwrap_or([h * 2, w * 2]);
-        let x = interpolate(
-            x,
-            InterpolateOptions::new(InterpolateMode::Nearest).with_output_size(size),
-        );
-        self.conv.forward(x)
+        match size {
+            Some(size) if size != [h * 2, w * 2] => {
+                let x = interpolate(
+                    x,
+                    InterpolateOptions::new(InterpolateMode::Nearest).with_output_size(size),
+                );
+                convolve(&self.conv, x)
+            }
+            _ => convolve_fused(&self.conv, x, true, None),
+        }
     }
 }

@@ -1,0 +1,411 @@
+//! Stride-1 convolutions for the CPU backend, the bulk of the UNet's and the decoders' work.
+//!
+//! The output is computed a band of rows at a time: the band's im2col matrix is built straight from
+//! the NCHW input (row copies, no layout change of the whole tensor), and one matrix product writes
+//! the band into its place in every output channel, so there is no scatter pass. The product adds
+//! onto the bias, and optionally onto a residual (the ResNet shortcut), which is then updated in
+//! place. A nearest 2× upsampling in front of the convolution is folded into the im2col step, so
+//! the upsampled map, the largest tensor of a VAE decode, never exists. Burn's CPU convolution
+//! converts the whole input to NHWC, builds im2col tiles of 512 pixels and scatters each tile's
+//! result; on Stable Diffusion's shapes this runs at a fraction of the machine's matmul rate.
+
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::Conv2d;
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn_flex::{Flex, FlexTensor};
+use rayon::prelude::*;
+
+use super::cpu_gemm::{Dst, Matrix, matmul};
+
+/// Floats in one band's im2col matrix (4 MiB): large enough for full-rate products, small enough to
+/// stay in the last-level cache between being written and being read by the product (64-channel
+/// convolutions at 512² run at half the rate with 16 MiB bands), and out of the way of a 512²
+/// decode's memory peak.
+const BAND_FLOATS: usize = 1 << 20;
+
+/// The shape of one convolution: the input's size (before any upsampling) and the kernel's.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Geometry {
+    pub batch: usize,
+    pub channels_in: usize,
+    pub height: usize,
+    pub width: usize,
+    pub channels_out: usize,
+    pub kernel: usize,
+    pub padding: usize,
+    /// Nearest-neighbour 2× upsampling of the input before the convolution.
+    pub upsample: bool,
+}
+
+impl Geometry {
+    fn scale(&self) -> usize {
+        if self.upsample { 2 } else { 1 }
+    }
+
+    /// Height and width of the output.
+    pub fn output_size(&self) -> [usize; 2] {
+        let s = self.scale();
+        [self.height, self.width].map(|d| d * s + 2 * self.padding + 1 - self.kernel)
+    }
+
+    fn is_pointwise(&self) -> bool {
+        self.kernel == 1 && self.padding == 0 && !self.upsample
+    }
+
+    fn valid(&self) -> bool {
+        let s = self.scale();
+        self.kernel >= 1
+            && self.height * s + 2 * self.padding >= self.kernel
+            && self.width * s + 2 * self.padding >= self.kernel
+            && self.batch * self.channels_in * self.channels_out * self.height * self.width > 0
+    }
+}
+
+/// `output = conv(input) + bias (+ output)`: with `Dst::Accumulate`, `output` holds a residual
+/// of the output's shape that the convolution is added to.
+///
+/// # Shapes
+/// input: [batch, channels_in, height, width]; weight: [channels_out, channels_in, kernel, kernel];
+/// bias: [channels_out]; output: [batch, channels_out, output_size]
+pub fn convolve(
+    output: &mut [f32],
+    mode: Dst,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    g: &Geometry,
+) {
+    convolve_in_bands(output, mode, input, weight, bias, g, BAND_FLOATS);
+}
+
+fn convolve_in_bands(
+    output: &mut [f32],
+    mode: Dst,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    g: &Geometry,
+    band_floats: usize,
+) {
+    assert!(g.valid(), "empty or impossible convolution {g:?}");
+    let [out_h, out_w] = g.output_size();
+    let plane_in = g.height * g.width;
+    let plane_out = out_h * out_w;
+    let taps = g.kernel * g.kernel;
+    let depth = g.channels_in * taps;
+    assert_eq!(
+        input.len(),
+        g.batch * g.channels_in * plane_in,
+        "input size"
+    );
+    assert_eq!(weight.len(), g.channels_out * depth, "weight size");
+    assert_eq!(
+        output.len(),
+        g.batch * g.channels_out * plane_out,
+        "output size"
+    );
+
+    let mut mode = mode;
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), g.channels_out, "bias size");
+        output
+            .par_chunks_mut(plane_out)
+            .enumerate()
+            .for_each(|(i, plane)| {
+                let b = bias[i % g.channels_out];
+                match mode {
+                    Dst::Accumulate => plane.iter_mut().for_each(|x| *x += b),
+                    Dst::Overwrite => plane.fill(b),
+                }
+            });
+        mode = Dst::Accumulate;
+    }
+
+    let weights = Matrix::new(weight, g.channels_out, depth, depth);
+    let band_rows = if g.is_pointwise() {
+        out_h
+    } else {
+        (band_floats / (depth * out_w)).clamp(1, out_h)
+    };
+    let mut columns = if g.is_pointwise() {
+        Vec::new()
+    } else {
+        vec![0f32; depth * band_rows * out_w]
+    };
+    for (image, out) in input
+        .chunks_exact(g.channels_in * plane_in)
+        .zip(output.chunks_exact_mut(g.channels_out * plane_out))
+    {
+        for top in (0..out_h).step_by(band_rows) {
+            let rows = band_rows.min(out_h - top);
+            let pixels = rows * out_w;
+            let patches = if g.is_pointwise() {
+                Matrix::new(&image[top * out_w..], g.channels_in, pixels, plane_in)
+            } else {
+                let columns = &mut columns[..depth * pixels];
+                columns
+                    .par_chunks_mut(taps * pixels)
+                    .zip(image.par_chunks_exact(plane_in))
+                    .for_each(|(columns, plane)| im2col(columns, plane, g, top, rows));
+                Matrix::new(columns, depth, pixels, pixels)
+            };
+            matmul(
+                &mut out[top * out_w..],
+                plane_out,
+                mode,
+                weights,
+                patches,
+                1.0,
+                true,
+            );
+        }
+    }
+}
+
+/// One input channel's `kernel²` rows of the im2col matrix for output rows `top..top + rows`: row
+/// (ky, kx) holds, for every output pixel (y, x), the input at (y + ky − p, x + kx − p) in the
+/// (possibly upsampled) input, or 0 outside it.
+fn im2col(columns: &mut [f32], plane: &[f32], g: &Geometry, top: usize, rows: usize) {
+    let s = g.scale();
+    let [_, out_w] = g.output_size();
+    let (in_h, in_w) = (g.height * s, g.width * s);
+    let p = g.padding;
+    let pixels = rows * out_w;
+    for ky in 0..g.kernel {
+        for kx in 0..g.kernel {
+            let row = &mut columns[(ky * g.kernel + kx) * pixels..][..pixels];
+            // Output columns whose input column kx + x − p lies inside the input.
+            let lo = p.saturating_sub(kx).min(out_w);
+            let hi = (in_w + p).saturating_sub(kx).clamp(lo, out_w);
+            for (r, dst) in row.chunks_exact_mut(out_w).enumerate() {
+                let y = top + r + ky;
+                if y < p || y - p >= in_h {
+                    dst.fill(0.0);
+                    continue;
+                }
+                let src = &plane[(y - p) / s * g.width..][..g.width];
+                dst[..lo].fill(0.0);
+                dst[hi..].fill(0.0);
+                if s == 1 {
+                    dst[lo..hi].copy_from_slice(&src[lo + kx - p..hi + kx - p]);
+                } else {
+                    for (x, d) in (lo..hi).zip(&mut dst[lo..hi]) {
+                        *d = src[(x + kx - p) / 2];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The f32 storage of a CPU tensor and where its dense elements start, when it is laid out densely.
+fn flex<const D: usize>(tensor: Tensor<D>) -> (FlexTensor, usize) {
+    let tensor = tensor
+        .try_into_primitive::<Flex>()
+        .expect("a tensor on the CPU backend");
+    let tensor = if tensor.layout().contiguous_offsets().is_some() {
+        tensor
+    } else {
+        tensor.to_contiguous()
+    };
+    let (start, _) = tensor.layout().contiguous_offsets().expect("contiguous");
+    assert_eq!(tensor.dtype(), DType::F32, "f32 storage");
+    (tensor, start)
+}
+
+/// The geometry of `conv(upsample?(x))` when [`run`] can compute it: `x` and the weights are f32
+/// on the CPU backend, and the convolution has stride 1, no groups, no dilation and a square kernel
+/// with the same padding on every side. `None` leaves it to Burn.
+pub fn plan(conv: &Conv2d, x: &Tensor<4>, upsample: bool) -> Option<Geometry> {
+    let weight = conv.weight.val();
+    if x.device() != Device::flex()
+        || x.dtype() != DType::F32
+        || weight.dtype() != DType::F32
+        || conv
+            .bias
+            .as_ref()
+            .is_some_and(|b| b.val().dtype() != DType::F32)
+        || conv.stride != [1, 1]
+        || conv.dilation != [1, 1]
+        || conv.groups != 1
+        || conv.kernel_size[0] != conv.kernel_size[1]
+    {
+        return None;
+    }
+    let padding = match conv.padding {
+        PaddingConfig2d::Explicit(t, l, b, r) if t == l && l == b && b == r => t,
+        PaddingConfig2d::Valid => 0,
+        _ => return None,
+    };
+    let [batch, channels_in, height, width] = x.dims();
+    let [channels_out, weight_in, _, _] = weight.dims();
+    let g = Geometry {
+        batch,
+        channels_in,
+        height,
+        width,
+        channels_out,
+        kernel: conv.kernel_size[0],
+        padding,
+        upsample,
+    };
+    (weight_in == channels_in && g.valid()).then_some(g)
+}
+
+/// `conv(upsample?(x)) (+ residual)` for a geometry from [`plan`]. A residual that nothing else
+/// holds becomes the output in place.
+pub fn run(conv: &Conv2d, x: Tensor<4>, residual: Option<Tensor<4>>, g: &Geometry) -> Tensor<4> {
+    let device = x.device();
+    let [out_h, out_w] = g.output_size();
+    let out_shape = [g.batch, g.channels_out, out_h, out_w];
+    let (mut output, mode) = match residual {
+        Some(residual) => {
+            assert_eq!(residual.dims(), out_shape, "residual shape");
+            let data = residual.into_data().convert::<f32>();
+            (
+                data.try_into_vec::<f32>().expect("f32 data"),
+                Dst::Accumulate,
+            )
+        }
+        None => (vec![0f32; out_shape.iter().product()], Dst::Overwrite),
+    };
+    let (input, input_start) = flex(x);
+    let (weight, weight_start) = flex(conv.weight.val());
+    let bias = conv.bias.as_ref().map(|b| flex(b.val()));
+    convolve(
+        &mut output,
+        mode,
+        &input.storage::<f32>()[input_start..][..g.batch * g.channels_in * g.height * g.width],
+        &weight.storage::<f32>()[weight_start..]
+            [..g.channels_out * g.channels_in * g.kernel * g.kernel],
+        bias.as_ref()
+            .map(|(b, start)| &b.storage::<f32>()[*start..][..g.channels_out]),
+        g,
+    );
+    Tensor::from_data(TensorData::new(output, out_shape), &device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::module::Param;
+    use burn::tensor::Distribution;
+    use burn::tensor::module::{conv2d, interpolate};
+    use burn::tensor::ops::{ConvOptions, InterpolateMode, InterpolateOptions};
+
+    use crate::models::layers;
+
+    /// Compares with Burn's convolution (after Burn's nearest upsampling) on uneven sizes, with and
+    /// without bias and residual.
+    #[test]
+    fn matches_burns_convolution() {
+        let device = Device::flex();
+        let n = Distribution::Normal(0.0, 1.0);
+        for (batch, c_in, c_out, h, w, k, p, upsample, bias, residual) in [
+            (2, 5, 7, 9, 6, 3, 1, false, true, false),
+            (1, 3, 4, 5, 7, 3, 1, true, true, true),
+            (2, 6, 3, 4, 4, 1, 0, false, false, true),
+            (1, 4, 2, 3, 8, 3, 0, false, true, false),
+            (1, 2, 3, 6, 5, 5, 2, true, false, false),
+            (1, 64, 8, 40, 33, 3, 1, false, true, true),
+        ] {
+            let x = Tensor::<4>::random([batch, c_in, h, w], n, &device);
+            let weight = Tensor::<4>::random([c_out, c_in, k, k], n, &device);
+            let b = bias.then(|| Tensor::<1>::random([c_out], n, &device));
+            let mut conv = layers::conv2d([c_in, c_out], k, 1, p, bias, &device);
+            conv.weight = Param::from_tensor(weight.clone());
+            conv.bias = b.clone().map(Param::from_tensor);
+
+            let input = if upsample {
+                interpolate(
+                    x.clone(),
+                    InterpolateOptions::new(InterpolateMode::Nearest)
+                        .with_output_size([2 * h, 2 * w]),
+                )
+            } else {
+                x.clone()
+            };
+            let mut expected = conv2d(
+                input,
+                weight,
+                b,
+                ConvOptions::new([1, 1], [p, p], [1, 1], 1),
+            );
+            let res = residual.then(|| Tensor::<4>::random(expected.dims(), n, &device));
+            if let Some(r) = &res {
+                expected = expected + r.clone();
+            }
+            let g = plan(&conv, &x, upsample).expect("the CPU kernel applies");
+            let actual = run(&conv, x, res, &g);
+            assert_eq!(actual.dims(), expected.dims());
+            let error: f32 = (actual - expected).abs().max().into_scalar();
+            assert!(
+                error < 1e-4,
+                "max error {error} for {batch}×{c_in}→{c_out} {h}×{w} k{k}"
+            );
+        }
+    }
+
+    #[test]
+    fn strided_convolutions_are_left_to_burn() {
+        let device = Device::flex();
+        let x = Tensor::<4>::zeros([1, 4, 8, 8], &device);
+        let strided = layers::conv2d([4, 4], 3, 2, 1, true, &device);
+        assert!(plan(&strided, &x, false).is_none());
+        let plain = layers::conv2d([4, 4], 3, 1, 1, true, &device);
+        assert!(plan(&plain, &x, false).is_some());
+    }
+
+    /// Every output is the sum of its 3×3 neighbourhood over both channels, whether the rows are
+    /// computed in bands of one, of two (a short last band), or all at once.
+    #[test]
+    fn bands_of_any_height_give_the_same_sums() {
+        let g = Geometry {
+            batch: 2,
+            channels_in: 2,
+            height: 5,
+            width: 4,
+            channels_out: 1,
+            kernel: 3,
+            padding: 1,
+            upsample: false,
+        };
+        let input: Vec<f32> = (0..80).map(|i| (i % 7) as f32).collect();
+        let at = |b: usize, c: usize, y: isize, x: isize| {
+            if (0..5).contains(&y) && (0..4).contains(&x) {
+                input[b * 40 + c * 20 + y as usize * 4 + x as usize]
+            } else {
+                0.0
+            }
+        };
+        let depth_row = 18 * 4;
+        for band_floats in [1, 2 * depth_row, 100 * depth_row] {
+            let mut out = vec![0.0; 40];
+            convolve_in_bands(
+                &mut out,
+                Dst::Overwrite,
+                &input,
+                &[1.0; 18],
+                None,
+                &g,
+                band_floats,
+            );
+            for b in 0..2 {
+                for y in 0..5isize {
+                    for x in 0..4isize {
+                        let mut want = 0.0;
+                        for c in 0..2 {
+                            for dy in -1..=1 {
+                                for dx in -1..=1 {
+                                    want += at(b, c, y + dy, x + dx);
+                                }
+                            }
+                        }
+                        let got = out[b * 20 + (y * 4 + x) as usize];
+                        assert_eq!(got, want, "bands of {band_floats}: ({b}, {y}, {x})");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! One safe entry to the `gemm` crate (the matrix product Burn's CPU backend itself uses) for the
+//! CPU kernels in this module: strided row-major views, bounds checked before the call.
+
+/// A matrix inside a slice: element (r, c) is `data[r · row_stride + c]`.
+#[derive(Clone, Copy)]
+pub struct Matrix<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    /// Read as its transpose: element (r, c) is `data[c · row_stride + r]`.
+    pub transposed: bool,
+}
+
+impl<'a> Matrix<'a> {
+    pub fn new(data: &'a [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+            transposed: false,
+        }
+    }
+
+    /// The `rows × cols` transpose of a row-major `cols × rows` matrix.
+    pub fn transpose_of(data: &'a [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+            transposed: true,
+        }
+    }
+
+    fn strides(&self) -> (isize, isize) {
+        let (rs, cs) = if self.transposed {
+            (1, self.row_stride)
+        } else {
+            (self.row_stride, 1)
+        };
+        (rs as isize, cs as isize)
+    }
+
+    fn last_index(&self) -> usize {
+        let (rs, cs) = self.strides();
+        (self.rows - 1) * rs as usize + (self.cols - 1) * cs as usize
+    }
+}
+
+/// What the product does with the destination's old contents.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Dst {
+    Overwrite,
+    Accumulate,
+}
+
+/// `dst[r · dst_row_stride + c] (+)= scale · (lhs · rhs)[r, c]` for an `lhs.rows × rhs.cols` result;
+/// `parallel` lets gemm spread the product over the rayon pool.
+pub fn matmul(
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    mode: Dst,
+    lhs: Matrix,
+    rhs: Matrix,
+    scale: f32,
+    parallel: bool,
+) {
+    let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
+    assert_eq!(rhs.rows, k, "inner dimensions differ");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(k > 0, "empty inner dimension");
+    assert!(dst_row_stride >= n, "destination rows overlap");
+    assert!(
+        dst.len() > (m - 1) * dst_row_stride + (n - 1),
+        "destination bounds"
+    );
+    assert!(lhs.data.len() > lhs.last_index(), "left operand bounds");
+    assert!(rhs.data.len() > rhs.last_index(), "right operand bounds");
+    let (lhs_rs, lhs_cs) = lhs.strides();
+    let (rhs_rs, rhs_cs) = rhs.strides();
+    let parallelism = if parallel {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    #[allow(unsafe_code)]
+    // SAFETY: the asserts above keep every element gemm addresses inside the three slices, and
+    // distinct destination elements apart (row stride ≥ row length); `dst` is borrowed mutably, so
+    // it overlaps neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_row_stride as isize,
+            mode == Dst::Accumulate,
+            lhs.data.as_ptr(),
+            lhs_cs,
+            lhs_rs,
+            rhs.data.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            if mode == Dst::Accumulate { 1.0 } else { 0.0 },
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
