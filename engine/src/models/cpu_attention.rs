@@ -89,7 +89,7 @@ fn softmax_in_place(row: &mut [f32]) {
 /// eˣ for x ≤ 0 in plain arithmetic the compiler vectorises: 2ⁿ·eʳ with r in [−ln2/2, ln2/2] and a
 /// degree-6 Taylor polynomial (relative error below 3e-7 there).
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;

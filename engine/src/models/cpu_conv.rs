@@ -198,8 +198,8 @@ fn im2col(columns: &mut [f32], plane: &[f32], g: &Geometry, top: usize, rows: us
     }
 }
 
-/// The f32 storage of a CPU tensor and where its dense elements start, when it is laid out densely.
-fn flex<const D: usize>(tensor: Tensor<D>) -> (FlexTensor, usize) {
+/// A CPU tensor's f32 storage, made dense if it is not, and where its elements start in it.
+pub(crate) fn flex<const D: usize>(tensor: Tensor<D>) -> (FlexTensor, usize) {
     let tensor = tensor
         .try_into_primitive::<Flex>()
         .expect("a tensor on the CPU backend");

@@ -9,9 +9,9 @@ use burn::nn::{
 };
 use burn::tensor::module::{attention, interpolate};
 use burn::tensor::ops::{AttentionModuleOptions, InterpolateMode, InterpolateOptions};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, activation};
 
-use super::cpu_conv;
+use super::{cpu_conv, cpu_norm};
 
 /// A `k×k` convolution with symmetric `padding`.
 pub fn conv2d(
@@ -61,6 +61,32 @@ pub fn convolve_fused(
         Some(residual) => residual + y,
         None => y,
     }
+}
+
+/// `silu?(norm(x + shift))` with `shift` one value per (batch, channel), in one CPU kernel where it
+/// applies.
+///
+/// # Shapes
+/// x: [batch, channels, …]; shift: [batch, channels]
+pub fn normalize<const D: usize>(
+    norm: &GroupNorm,
+    x: Tensor<D>,
+    shift: Option<Tensor<2>>,
+    silu: bool,
+) -> Tensor<D> {
+    if let Some(y) = cpu_norm::forward(norm, &x, shift.as_ref(), silu) {
+        return y;
+    }
+    let x = match shift {
+        Some(shift) => {
+            let mut shape = [1; D];
+            shape[..2].copy_from_slice(&shift.dims());
+            x + shift.reshape(shape)
+        }
+        None => x,
+    };
+    let y = norm.forward(x);
+    if silu { activation::silu(y) } else { y }
 }
 
 pub fn linear(d_input: usize, d_output: usize, bias: bool, device: &Device) -> Linear {
@@ -207,8 +233,7 @@ impl Attention {
             .group_norm
             .as_ref()
             .expect("spatial attention has a group norm");
-        let tokens = norm
-            .forward(x.clone())
+        let tokens = normalize(norm, x.clone(), None, false)
             .reshape([batch, channels, height * width])
             .swap_dims(1, 2);
         let out = self

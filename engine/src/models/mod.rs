@@ -5,6 +5,7 @@ pub mod clip;
 pub mod cpu_attention;
 pub mod cpu_conv;
 pub mod cpu_gemm;
+pub mod cpu_norm;
 pub mod layers;
 pub mod taesd;
 pub mod unet;

@@ -4,11 +4,12 @@
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
-use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::layers::{Attention, AttentionConfig, check_groups, conv2d, convolve, group_norm};
+use super::layers::{
+    Attention, AttentionConfig, check_groups, conv2d, convolve, group_norm, normalize,
+};
 use super::unet::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::noise::TorchRng;
 
@@ -255,7 +256,7 @@ impl AutoencoderKl {
             }
         }
         let x = e.mid_block.forward(x);
-        let x = convolve(&e.conv_out, silu(e.conv_norm_out.forward(x)));
+        let x = convolve(&e.conv_out, normalize(&e.conv_norm_out, x, None, true));
         let moments = convolve(&self.quant_conv, x);
         let [mean, logvar] = moments.chunk(2, 1).try_into().expect("two halves");
         let std = logvar.clamp(-30.0, 20.0).mul_scalar(0.5).exp();
@@ -276,6 +277,6 @@ impl AutoencoderKl {
                 x = upsampler.forward(x, None);
             }
         }
-        convolve(&d.conv_out, silu(d.conv_norm_out.forward(x)))
+        convolve(&d.conv_out, normalize(&d.conv_norm_out, x, None, true))
     }
 }

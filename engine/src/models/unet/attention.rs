@@ -10,6 +10,7 @@ use burn::tensor::{Device, Tensor};
 
 use crate::models::layers::{
     Attention, AttentionConfig, conv2d, convolve, convolve_fused, group_norm, layer_norm, linear,
+    normalize,
 };
 
 /// The projection into and out of the transformer: a 1×1 convolution (SD1) or a linear layer on the
@@ -112,7 +113,7 @@ impl Transformer2DModel {
         let [batch, channels, height, width] = x.dims();
         let to_tokens = |x: Tensor<4>| x.reshape([batch, channels, height * width]).swap_dims(1, 2);
         let to_map = |x: Tensor<3>| x.swap_dims(1, 2).reshape([batch, channels, height, width]);
-        let h = self.norm.forward(x.clone());
+        let h = normalize(&self.norm, x.clone(), None, false);
         let mut tokens = match &self.proj_in {
             Projection::Conv(conv) => to_tokens(convolve(conv, h)),
             Projection::Linear(linear) => linear.forward(to_tokens(h)),

@@ -10,7 +10,6 @@ pub mod resnet;
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
-use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -18,7 +17,7 @@ use self::attention::TransformerConfig;
 use self::blocks::{DownBlock, MidBlock, UpBlock};
 use self::embeddings::{TimestepEmbedding, timestep_embedding};
 use self::resnet::{Downsample2D, ResnetConfig, Upsample2D};
-use crate::models::layers::{check_groups, conv2d, convolve, group_norm};
+use crate::models::layers::{check_groups, conv2d, convolve, group_norm, normalize};
 
 /// A per-block setting that configs give either once for all blocks or as a list.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -422,6 +421,9 @@ impl UNet2DConditionModel {
         for block in &self.up_blocks {
             x = block.forward(x, &temb, &context, &mut skips);
         }
-        convolve(&self.conv_out, silu(self.conv_norm_out.forward(x)))
+        convolve(
+            &self.conv_out,
+            normalize(&self.conv_norm_out, x, None, true),
+        )
     }
 }

@@ -9,7 +9,7 @@ use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions, PadMode};
 use burn::tensor::{Device, Tensor};
 
-use crate::models::layers::{conv2d, convolve, convolve_fused, group_norm, linear};
+use crate::models::layers::{conv2d, convolve, convolve_fused, group_norm, linear, normalize};
 
 /// `ResnetBlock2D`: two norm–SiLU–conv stages, the time embedding added in between when given, and
 /// a 1×1 convolution on the shortcut when the channel count changes.
@@ -51,20 +51,18 @@ impl ResnetBlock2D {
     /// # Shapes
     /// x: [batch, in_channels, h, w], temb: [batch, temb_channels] → [batch, out_channels, h, w]
     pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
-        let mut h = convolve(&self.conv1, silu(self.norm1.forward(x.clone())));
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            h = h + proj
-                .forward(silu(temb.clone()))
-                .unsqueeze_dim::<3>(2)
-                .unsqueeze_dim::<4>(3);
-        }
+        let h = convolve(&self.conv1, normalize(&self.norm1, x.clone(), None, true));
+        let time = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => Some(proj.forward(silu(temb.clone()))),
+            _ => None,
+        };
         let shortcut = match &self.conv_shortcut {
             Some(conv) => convolve(conv, x),
             None => x,
         };
         convolve_fused(
             &self.conv2,
-            silu(self.norm2.forward(h)),
+            normalize(&self.norm2, h, time, true),
             false,
             Some(shortcut),
         )
