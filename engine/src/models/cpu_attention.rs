@@ -8,7 +8,7 @@
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::cpu_gemm::{Dst, Matrix, matmul};
+use super::cpu_gemm::{Dst, Matrix, matmul, vectorized};
 
 /// Query rows per block: 128 rows × 4096 keys of f32 scores is 2 MiB.
 const BLOCK: usize = 128;
@@ -74,12 +74,41 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     Tensor::from_data(TensorData::new(out, [batch, heads, len_q, dv]), &device)
 }
 
-fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    for x in row.iter_mut() {
-        *x = exp(*x - max);
+vectorized! {
+    fn softmax_in_place(row: &mut [f32]) => softmax
+}
+
+/// Numerically stable softmax in three passes (max, exponentials and their sum, scale), each over
+/// eight independent lanes so the compiler vectorises them.
+#[inline(always)]
+fn softmax(row: &mut [f32]) {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = row.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(chunk) {
+            *m = if x > *m { x } else { *m };
+        }
     }
-    let sum: f32 = row.iter().sum();
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+
+    let mut sums = [0f32; 8];
+    let mut chunks = row.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        for (s, x) in sums.iter_mut().zip(chunk) {
+            *x = exp(*x - max);
+            *s += *x;
+        }
+    }
+    let mut sum: f32 = sums.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = exp(*x - max);
+        sum += *x;
+    }
+
     let inverse = 1.0 / sum;
     for x in row.iter_mut() {
         *x *= inverse;
@@ -93,16 +122,24 @@ pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    // Adding and removing 1.5·2²³ rounds to the nearest integer.
+    // Adding 1.5·2²³ rounds to the nearest integer n and leaves n in the low mantissa bits of the
+    // sum (whose bits are those of 1.5·2²³ plus n); subtracting it again gives n as a float.
     const ROUND: f32 = 12_582_912.0;
     let x = x.max(-87.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    f32::from_bits(((n as i32 + 127) as u32) << 23) * p
+    // 2ⁿ: the exponent field n + 127, taken from the integer bits without a float-to-int conversion.
+    let two_n = shifted
+        .to_bits()
+        .wrapping_sub(ROUND.to_bits())
+        .wrapping_add(127)
+        << 23;
+    f32::from_bits(two_n) * p
 }
 
 #[cfg(test)]
@@ -136,6 +173,23 @@ mod tests {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         assert!(error < 1e-5, "max error {error}");
+    }
+
+    #[test]
+    fn softmax_matches_the_definition() {
+        for len in [1, 7, 8, 77, 4096] {
+            let row: Vec<f32> = (0..len)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.7)
+                .collect();
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let total: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+            let mut got = row.clone();
+            softmax_in_place(&mut got);
+            for (&x, &g) in row.iter().zip(&got) {
+                let want = (x as f64 - max).exp() / total;
+                assert!((g as f64 - want).abs() <= 1e-5 * want, "{g} vs {want}");
+            }
+        }
     }
 
     #[test]

@@ -1,5 +1,34 @@
-//! One safe entry to the `gemm` crate (the matrix product Burn's CPU backend itself uses) for the
-//! CPU kernels in this module: strided row-major views, bounds checked before the call.
+//! What the CPU kernels share: one safe entry to the `gemm` crate (the matrix product Burn's CPU
+//! backend itself uses), with strided row-major views bounds-checked before the call, and a way to
+//! run element-wise loops with 8-wide vectors where the CPU has them.
+
+/// Defines `fn name(args)`, which calls `body(args)` (an `#[inline(always)]` function) compiled for
+/// AVX2 and FMA when the CPU has them. The build targets baseline x86-64, whose 4-wide vectors
+/// halve the speed of exp-heavy loops.
+macro_rules! vectorized {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $body:path) => {
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2_fma($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                #[allow(unsafe_code)]
+                // SAFETY: the CPU has just been checked for the features `avx2_fma` is compiled for.
+                unsafe {
+                    avx2_fma($($arg),*)
+                };
+                return;
+            }
+            $body($($arg),*)
+        }
+    };
+}
+pub(crate) use vectorized;
 
 /// A matrix inside a slice: element (r, c) is `data[r · row_stride + c]`.
 #[derive(Clone, Copy)]

@@ -8,10 +8,12 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::cpu_conv::flex;
+use super::cpu_gemm::vectorized;
 
 /// Sums of up to this many f32 values are taken in f32 lanes, then added up in f64.
 const BLOCK: usize = 4096;
 
+#[inline(always)]
 fn sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     let mut total = 0f64;
     for block in xs.chunks(BLOCK) {
@@ -73,37 +75,61 @@ pub fn normalize(
         .par_chunks_mut(group_len)
         .zip(input.par_chunks(group_len))
         .enumerate()
-        .for_each(|(i, (out, x))| {
-            let first = (i % n.groups) * (n.channels / n.groups);
-            let batch = i / n.groups;
-            let shift_of = |c: usize| shift.map_or(0.0, |s| s[batch * n.channels + first + c]);
-            let planes = || x.chunks_exact(n.plane).enumerate();
-            let total: f64 = planes()
-                .map(|(c, p)| sum(p, |v| v) + shift_of(c) as f64 * n.plane as f64)
-                .sum();
-            let mean = total / group_len as f64;
-            let squares: f64 = planes()
-                .map(|(c, p)| {
-                    let centre = (mean - shift_of(c) as f64) as f32;
-                    sum(p, |v| (v - centre) * (v - centre))
-                })
-                .sum();
-            let inv_std = 1.0 / (squares / group_len as f64 + n.epsilon).sqrt();
-            for ((c, p), out) in planes().zip(out.chunks_exact_mut(n.plane)) {
-                let scale = (inv_std * gamma[first + c] as f64) as f32;
-                let offset =
-                    (beta[first + c] as f64 + (shift_of(c) as f64 - mean) * scale as f64) as f32;
-                if n.silu {
-                    for (o, &v) in out.iter_mut().zip(p) {
-                        *o = silu(v * scale + offset);
-                    }
-                } else {
-                    for (o, &v) in out.iter_mut().zip(p) {
-                        *o = v * scale + offset;
-                    }
-                }
+        .for_each(|(i, (out, x))| normalize_group(out, x, i, gamma, beta, shift, n));
+}
+
+vectorized! {
+    /// One (batch, group) slice of [`normalize`]: `i` counts groups over the batch.
+    fn normalize_group(
+        out: &mut [f32],
+        x: &[f32],
+        i: usize,
+        gamma: &[f32],
+        beta: &[f32],
+        shift: Option<&[f32]>,
+        n: &Norm,
+    ) => normalize_group_body
+}
+
+#[inline(always)]
+fn normalize_group_body(
+    out: &mut [f32],
+    x: &[f32],
+    i: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    shift: Option<&[f32]>,
+    n: &Norm,
+) {
+    let group_len = x.len();
+    let first = (i % n.groups) * (n.channels / n.groups);
+    let batch = i / n.groups;
+    let shift_of = |c: usize| shift.map_or(0.0, |s| s[batch * n.channels + first + c]);
+    let planes = || x.chunks_exact(n.plane).enumerate();
+    let total: f64 = planes()
+        .map(|(c, p)| sum(p, |v| v) + shift_of(c) as f64 * n.plane as f64)
+        .sum();
+    let mean = total / group_len as f64;
+    let squares: f64 = planes()
+        .map(|(c, p)| {
+            let centre = (mean - shift_of(c) as f64) as f32;
+            sum(p, |v| (v - centre) * (v - centre))
+        })
+        .sum();
+    let inv_std = 1.0 / (squares / group_len as f64 + n.epsilon).sqrt();
+    for ((c, p), out) in planes().zip(out.chunks_exact_mut(n.plane)) {
+        let scale = (inv_std * gamma[first + c] as f64) as f32;
+        let offset = (beta[first + c] as f64 + (shift_of(c) as f64 - mean) * scale as f64) as f32;
+        if n.silu {
+            for (o, &v) in out.iter_mut().zip(p) {
+                *o = silu(v * scale + offset);
             }
-        });
+        } else {
+            for (o, &v) in out.iter_mut().zip(p) {
+                *o = v * scale + offset;
+            }
+        }
+    }
 }
 
 /// `silu?(norm(x + shift))` on the CPU backend for f32 tensors with an affine norm; `None` leaves it
@@ -126,7 +152,7 @@ pub fn forward<const D: usize>(
         || shift.is_some_and(|s| s.dtype() != DType::F32 || s.dims() != [dims[0], dims[1]])
         || D < 3
         || dims[1] != norm.num_channels
-        || norm.num_channels % norm.num_groups != 0
+        || !norm.num_channels.is_multiple_of(norm.num_groups)
     {
         return None;
     }
