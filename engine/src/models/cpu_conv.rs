@@ -16,6 +16,7 @@ use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
 use super::cpu_gemm::{Dst, Matrix, matmul};
+use super::cpu_winograd;
 
 /// Floats in one band's im2col matrix (4 MiB): large enough for full-rate products, small enough to
 /// stay in the last-level cache between being written and being read by the product (64-channel
@@ -38,7 +39,7 @@ pub struct Geometry {
 }
 
 impl Geometry {
-    fn scale(&self) -> usize {
+    pub(crate) fn scale(&self) -> usize {
         if self.upsample { 2 } else { 1 }
     }
 
@@ -75,16 +76,30 @@ pub fn convolve(
     bias: Option<&[f32]>,
     g: &Geometry,
 ) {
-    convolve_in_bands(output, mode, input, weight, bias, g, BAND_FLOATS);
+    let method = if cpu_winograd::applies(g) {
+        Method::Winograd
+    } else {
+        Method::Im2col
+    };
+    convolve_with(output, mode, input, weight, bias, g, method, BAND_FLOATS);
 }
 
-fn convolve_in_bands(
+/// How [`convolve_with`] computes the product.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Method {
+    Im2col,
+    Winograd,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn convolve_with(
     output: &mut [f32],
     mode: Dst,
     input: &[f32],
     weight: &[f32],
     bias: Option<&[f32]>,
     g: &Geometry,
+    method: Method,
     band_floats: usize,
 ) {
     assert!(g.valid(), "empty or impossible convolution {g:?}");
@@ -121,6 +136,10 @@ fn convolve_in_bands(
         mode = Dst::Accumulate;
     }
 
+    if method == Method::Winograd {
+        cpu_winograd::convolve(output, mode, input, weight, g, band_floats);
+        return;
+    }
     let weights = Matrix::new(weight, g.channels_out, depth, depth);
     let band_rows = if g.is_pointwise() {
         out_h
@@ -296,7 +315,7 @@ mod tests {
     use crate::models::layers;
 
     /// Compares with Burn's convolution (after Burn's nearest upsampling) on uneven sizes, with and
-    /// without bias and residual.
+    /// without bias and residual, by im2col and (128 channels) by Winograd.
     #[test]
     fn matches_burns_convolution() {
         let device = Device::flex();
@@ -308,6 +327,9 @@ mod tests {
             (1, 4, 2, 3, 8, 3, 0, false, true, false),
             (1, 2, 3, 6, 5, 5, 2, true, false, false),
             (1, 64, 8, 40, 33, 3, 1, false, true, true),
+            (1, 32, 40, 20, 17, 3, 1, true, true, true),
+            (2, 48, 32, 17, 22, 3, 1, false, false, false),
+            (1, 128, 128, 17, 32, 3, 1, true, true, true),
         ] {
             let x = Tensor::<4>::random([batch, c_in, h, w], n, &device);
             let weight = Tensor::<4>::random([c_out, c_in, k, k], n, &device);
@@ -338,10 +360,12 @@ mod tests {
             let g = plan(&conv, &x, upsample).expect("the CPU kernel applies");
             let actual = run(&conv, x, res, &g);
             assert_eq!(actual.dims(), expected.dims());
+            // Sums of hundreds of products: f32 rounding grows with their size.
+            let scale: f32 = expected.clone().abs().max().into_scalar();
             let error: f32 = (actual - expected).abs().max().into_scalar();
             assert!(
-                error < 1e-4,
-                "max error {error} for {batch}×{c_in}→{c_out} {h}×{w} k{k}"
+                error < 1e-5 * scale,
+                "max error {error} (scale {scale}) for {batch}×{c_in}→{c_out} {h}×{w} k{k}"
             );
         }
     }
@@ -381,13 +405,14 @@ mod tests {
         let depth_row = 18 * 4;
         for band_floats in [1, 2 * depth_row, 100 * depth_row] {
             let mut out = vec![0.0; 40];
-            convolve_in_bands(
+            convolve_with(
                 &mut out,
                 Dst::Overwrite,
                 &input,
                 &[1.0; 18],
                 None,
                 &g,
+                Method::Im2col,
                 band_floats,
             );
             for b in 0..2 {
@@ -406,6 +431,64 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Winograd's F(2×2, 3×3) against im2col on odd sizes (a partial last tile), upsampled input,
+    /// a batch, a residual, and bands of one tile row and of several.
+    #[test]
+    fn winograd_matches_im2col() {
+        let mut seed = 1u32;
+        let mut random = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (seed >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0
+                })
+                .collect()
+        };
+        for (batch, c_in, c_out, height, width, upsample, band_floats) in [
+            (1, 3, 5, 7, 9, false, 1),
+            (2, 4, 3, 6, 5, true, 1 << 20),
+            (1, 8, 8, 11, 4, false, 16 * 8 * 2 * 2),
+            (2, 40, 33, 18, 17, false, 1 << 20),
+        ] {
+            let g = Geometry {
+                batch,
+                channels_in: c_in,
+                height,
+                width,
+                channels_out: c_out,
+                kernel: 3,
+                padding: 1,
+                upsample,
+            };
+            let [h, w] = g.output_size();
+            let input = random(batch * c_in * height * width);
+            let weight = random(c_out * c_in * 9);
+            let bias = random(c_out);
+            let residual = random(batch * c_out * h * w);
+            let run = |method| {
+                let mut out = residual.clone();
+                convolve_with(
+                    &mut out,
+                    Dst::Accumulate,
+                    &input,
+                    &weight,
+                    Some(&bias),
+                    &g,
+                    method,
+                    band_floats,
+                );
+                out
+            };
+            let (direct, winograd) = (run(Method::Im2col), run(Method::Winograd));
+            let error = direct
+                .iter()
+                .zip(&winograd)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(error < 1e-5 * c_in as f32, "max error {error} for {g:?}");
         }
     }
 }
