@@ -1,14 +1,17 @@
-//! A safetensors file opened by its header alone: names, dtypes, shapes and byte ranges. Tensor
-//! bytes stay on disk until a model asks for one, and are then read one tensor at a time, so loading
-//! never holds the file and the model in memory together. Pickle checkpoints are refused before
-//! anything is parsed.
+//! A safetensors file, validated by its header (names, dtypes, shapes and byte ranges) and mapped
+//! read-only into memory. Tensor bytes are read from the mapping one tensor at a time when a model
+//! asks for them; f32 weights that need no rearranging are used where they lie (see `load.rs`), and
+//! the pages of the others are let go once converted, so loading never holds the file and the
+//! model in memory together. Pickle checkpoints are refused before anything is parsed.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use memmap2::Mmap;
 
 use safetensors::Dtype;
 use safetensors::tensor::Metadata;
@@ -61,7 +64,7 @@ pub struct TensorInfo {
 #[derive(Debug)]
 pub struct WeightFile {
     path: PathBuf,
-    file: Mutex<File>,
+    map: Mmap,
     tensors: BTreeMap<String, TensorInfo>,
     metadata: BTreeMap<String, String>,
 }
@@ -118,7 +121,7 @@ impl WeightFile {
             .unwrap_or_default();
         Ok(Arc::new(Self {
             path: path.to_path_buf(),
-            file: Mutex::new(file),
+            map: map(&file, path)?,
             tensors,
             metadata,
         }))
@@ -141,15 +144,68 @@ impl WeightFile {
         &self.metadata
     }
 
-    /// Reads the raw little-endian bytes of a range returned in a [`TensorInfo`].
-    pub fn read(&self, range: Range<usize>) -> std::io::Result<Vec<u8>> {
-        let mut bytes = vec![0u8; range.len()];
-        // A poisoned lock only means another read panicked; the file handle itself is fine.
-        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        file.seek(SeekFrom::Start(range.start as u64))?;
-        file.read_exact(&mut bytes)?;
-        Ok(bytes)
+    /// The raw little-endian bytes of a range returned in a [`TensorInfo`].
+    pub fn bytes(&self, range: Range<usize>) -> &[u8] {
+        &self.map[range]
     }
+
+    /// The same bytes as a buffer that keeps the file mapped for as long as it lives (no copy).
+    pub fn share(self: &Arc<Self>, range: Range<usize>) -> bytes::Bytes {
+        bytes::Bytes::from_owner(Region {
+            file: Arc::clone(self),
+            range,
+        })
+    }
+
+    /// Lets go of the memory holding a range that has been copied out (whole pages inside it); a
+    /// later read maps the pages in again from the file.
+    pub fn release(&self, range: Range<usize>) {
+        const PAGE: usize = 4096;
+        let start = range.start.next_multiple_of(PAGE);
+        let end = range.end / PAGE * PAGE;
+        if end > start {
+            // SAFETY: the mapping is read-only and never written, so dropping pages only makes the
+            // next access fault them in again from the file, with the same contents.
+            #[allow(unsafe_code)]
+            let _ = unsafe {
+                self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
+            };
+        }
+    }
+}
+
+/// A range of a mapped file, as the owner of a shared buffer.
+struct Region {
+    file: Arc<WeightFile>,
+    range: Range<usize>,
+}
+
+/// A buffer that was only read to be converted (a transposed weight) lets go of its pages when
+/// dropped; one the model kept does so when the model is dropped.
+impl Drop for Region {
+    fn drop(&mut self) {
+        self.file.release(self.range.clone());
+    }
+}
+
+impl AsRef<[u8]> for Region {
+    fn as_ref(&self) -> &[u8] {
+        self.file.bytes(self.range.clone())
+    }
+}
+
+/// Maps `file` read-only.
+fn map(file: &File, path: &Path) -> Result<Mmap> {
+    // SAFETY: the mapping is read-only and private. Its contents change only if another program
+    // rewrites the file while a model loaded from it is in use, the contract of every
+    // memory-mapped weight loader (safetensors', PyTorch's); a file cut shorter meanwhile ends
+    // the process on the next read of a lost page.
+    #[allow(unsafe_code)]
+    unsafe { Mmap::map(file) }.map_err(|e| EngineError::io(path, e))
 }
 
 /// safetensors' own limit on header size.

@@ -1,9 +1,10 @@
 //! Strict loading of safetensors weights into Burn modules through burn-store.
 //!
 //! Each weight becomes a lazy `burn_pack::Tensor` whose bytes are read from the file and widened to
-//! f32 only when the module takes it, so peak memory is the model plus one tensor. The
-//! module tree's names are the diffusers key names (see `remap.rs` for the few exceptions), and
-//! burn-store's `PyTorchToBurnAdapter` transposes linear weights and renames norm parameters.
+//! f32 only when the module takes it, so peak memory is the model plus one tensor. f32 weights that
+//! need no rearranging stay where the file is mapped, with no copy. The module tree's names are the diffusers key
+//! names (see `remap.rs` for the few exceptions); [`TorchLayout`] transposes linear weights and
+//! burn-store's `PyTorchToBurnAdapter` renames norm parameters.
 //! Anything missing, left over or mis-shaped is an error that names the keys (burn-store
 //! MIGRATION.md: strict loading).
 
@@ -12,8 +13,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use burn::store::burn_pack::{self, Tensor as PackTensor};
-use burn::store::{ApplyError, ModuleSnapshot, PyTorchToBurnAdapter};
-use burn::tensor::{Bytes, DType};
+use burn::store::{ApplyError, ModuleAdapter, ModuleContext, ModuleSnapshot, PyTorchToBurnAdapter};
+use burn::tensor::{AllocationProperty, Bytes, DType};
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+use rayon::prelude::*;
 
 use super::index::{StoredDtype, WeightFile};
 use crate::error::{EngineError, Result};
@@ -69,7 +72,7 @@ impl WeightSlice {
             ));
         }
         let elements: usize = self.shape.iter().product();
-        let (file, dtype, bytes) = (self.file, self.dtype, self.bytes);
+        let (file, dtype, range) = (self.file, self.dtype, self.bytes);
         Ok(PackTensor::deferred(
             self.name,
             DType::F32,
@@ -77,10 +80,18 @@ impl WeightSlice {
             None,
             elements * 4,
             move || {
-                let raw = file.read(bytes.clone()).map_err(|e| {
-                    burn_pack::Error::IoError(format!("{}: {e}", file.path().display()))
-                })?;
-                Ok(Bytes::from_elems(widen(dtype, &raw)))
+                let in_place = dtype == StoredDtype::F32
+                    && cfg!(target_endian = "little")
+                    && range.start % std::mem::align_of::<f32>() == 0;
+                if in_place {
+                    return Ok(Bytes::from_shared(
+                        file.share(range.clone()),
+                        AllocationProperty::File,
+                    ));
+                }
+                let floats = widen(dtype, file.bytes(range.clone()));
+                file.release(range.clone());
+                Ok(Bytes::from_elems(floats))
             },
         ))
     }
@@ -88,11 +99,22 @@ impl WeightSlice {
 
 /// Little-endian floats of any stored width, as f32.
 fn widen(dtype: StoredDtype, bytes: &[u8]) -> Vec<f32> {
+    let halves = |bytes: &[u8]| -> Option<Vec<u16>> {
+        let bits: &[u16] = bytemuck::try_cast_slice(bytes).ok()?;
+        Some(bits.iter().map(|&b| u16::from_le(b)).collect())
+    };
     match dtype {
         StoredDtype::F32 => bytes
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect(),
+        // half's slice conversion uses the CPU's f16 instructions where it has them.
+        StoredDtype::F16 if let Some(bits) = halves(bytes) => {
+            let mut floats = vec![0f32; bits.len()];
+            bits.reinterpret_cast::<half::f16>()
+                .convert_to_f32_slice(&mut floats);
+            floats
+        }
         StoredDtype::F16 => bytes
             .chunks_exact(2)
             .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
@@ -107,6 +129,76 @@ fn widen(dtype: StoredDtype, bytes: &[u8]) -> Vec<f32> {
             .collect(),
         StoredDtype::Other(_) => unreachable!("rejected in into_pack_tensor"),
     }
+}
+
+/// PyTorch's layout to Burn's: linear weights transposed from `[out, in]` to `[in, out]` tile by
+/// tile (burn-store's own transpose moves one element at a time, which dominated loading), and the
+/// rest (norm parameter names) left to burn-store's `PyTorchToBurnAdapter`.
+#[derive(Debug, Clone, Copy, Default)]
+struct TorchLayout;
+
+impl ModuleAdapter for TorchLayout {
+    fn adapt(&self, tensor: PackTensor, ctx: ModuleContext<'_>) -> PackTensor {
+        let linear_weight = ctx.module_type() == Some("Struct:Linear")
+            && tensor.name.rsplit('.').next() == Some("weight")
+            && tensor.shape.len() == 2
+            && tensor.dtype == DType::F32;
+        if !linear_weight {
+            return PyTorchToBurnAdapter.adapt(tensor, ctx);
+        }
+        let (rows, cols) = (tensor.shape[0], tensor.shape[1]);
+        let (name, param_id, byte_len) = (tensor.name.clone(), tensor.param_id, tensor.byte_len());
+        PackTensor::deferred(
+            name,
+            DType::F32,
+            vec![cols, rows],
+            param_id,
+            byte_len,
+            move || {
+                let bytes = tensor.to_bytes()?;
+                let floats: &[f32] = bytemuck::try_cast_slice(&bytes).map_err(|e| {
+                    burn_pack::Error::ValidationError(format!(
+                        "'{}' is not an f32 buffer: {e}",
+                        tensor.name
+                    ))
+                })?;
+                Ok(Bytes::from_elems(transpose(floats, rows, cols)))
+            },
+        )
+    }
+
+    fn get_alternative_param_name(&self, param_name: &str, module_type: &str) -> Option<String> {
+        PyTorchToBurnAdapter.get_alternative_param_name(param_name, module_type)
+    }
+
+    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
+        Box::new(*self)
+    }
+}
+
+/// The `cols × rows` transpose of a row-major `rows × cols` matrix: bands of 16 output rows on
+/// all cores, each filled in 16×16 tiles so that both sides stay in cache.
+fn transpose(matrix: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const TILE: usize = 16;
+    let mut out = vec![0f32; matrix.len()];
+    if matrix.is_empty() {
+        return out;
+    }
+    out.par_chunks_mut(TILE * rows)
+        .enumerate()
+        .for_each(|(band, out)| {
+            let col0 = band * TILE;
+            for row0 in (0..rows).step_by(TILE) {
+                let row1 = (row0 + TILE).min(rows);
+                for (c, out_row) in out.chunks_exact_mut(rows).enumerate() {
+                    let source = matrix[row0 * cols + col0 + c..].iter().step_by(cols);
+                    for (dst, &src) in out_row[row0..row1].iter_mut().zip(source) {
+                        *dst = src;
+                    }
+                }
+            }
+        });
+    out
 }
 
 /// Loads every weight into `module`; `origin` names the file or folder in errors.
@@ -126,7 +218,7 @@ pub fn load_into<M: ModuleSnapshot>(
         .map_err(mismatch)?;
     // Enum modules (a conv-or-linear projection, TAESD's sequential layers) do not add a
     // variant segment: checkpoints name the layer directly.
-    let result = module.apply(tensors, None, Some(Box::new(PyTorchToBurnAdapter)), true);
+    let result = module.apply(tensors, None, Some(Box::new(TorchLayout)), true);
     let mut problems = Vec::new();
     for error in &result.errors {
         problems.push(match error {
@@ -178,4 +270,102 @@ fn list<'a>(names: impl Iterator<Item = &'a str>) -> String {
         if total == 1 { "" } else { "s" },
         shown.join(", ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::{WeightSlice, transpose};
+    use crate::weights::index::WeightFile;
+
+    /// Values exact in f16 and bf16, a subnormal-free mix of signs and magnitudes.
+    const VALUES: [f32; 5] = [0.5, -3.25, 1024.0, 0.000061035156, 0.0];
+
+    /// A one-tensor safetensors file `w` holding `data`, whose data section starts at a byte
+    /// offset ≡ `misalign` (mod 8) in the file.
+    fn file_with(dtype: &str, data: &[u8], misalign: usize) -> Arc<WeightFile> {
+        let mut header = format!(
+            r#"{{"w":{{"dtype":"{dtype}","shape":[{}],"data_offsets":[0,{}]}}}}"#,
+            VALUES.len(),
+            data.len()
+        );
+        while (8 + header.len()) % 8 != misalign {
+            header.push(' ');
+        }
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        let path = std::env::temp_dir().join(format!(
+            "studio-load-{}-{dtype}-{misalign}.safetensors",
+            std::process::id()
+        ));
+        std::fs::write(&path, bytes).unwrap();
+        let file = WeightFile::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
+    }
+
+    #[test]
+    fn every_stored_width_and_alignment_reads_the_same_floats() {
+        let encodings: [(&str, Vec<u8>); 4] = [
+            ("F32", VALUES.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            (
+                "F16",
+                VALUES
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+            (
+                "BF16",
+                VALUES
+                    .iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+            (
+                "F64",
+                VALUES
+                    .iter()
+                    .flat_map(|v| f64::from(*v).to_le_bytes())
+                    .collect(),
+            ),
+        ];
+        for (dtype, data) in encodings {
+            // In place (aligned f32), and copied from an aligned and a misaligned position.
+            for misalign in [0, 2, 1] {
+                let file = file_with(dtype, &data, misalign);
+                let bytes = WeightSlice::whole(&file, "w", "w")
+                    .unwrap()
+                    .into_pack_tensor()
+                    .unwrap()
+                    .to_bytes()
+                    .unwrap();
+                let floats: Vec<f32> = bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect();
+                assert_eq!(floats, VALUES, "{dtype} at offset ≡ {misalign} (mod 8)");
+            }
+        }
+    }
+
+    #[test]
+    fn transpose_moves_every_element_across_tiles() {
+        // Neither side a multiple of the tile, and one side shorter than it.
+        for (rows, cols) in [(45, 70), (3, 100), (64, 32), (1, 1)] {
+            let matrix: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let out = transpose(&matrix, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        out[c * rows + r],
+                        matrix[r * cols + c],
+                        "{rows}×{cols} at {r},{c}"
+                    );
+                }
+            }
+        }
+    }
 }
