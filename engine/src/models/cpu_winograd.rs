@@ -1,59 +1,146 @@
-//! 3×3 stride-1 convolutions by Winograd's minimal filtering F(2×2, 3×3): each 2×2 block of output
-//! pixels comes from a 4×4 block of input through 16 element-wise products instead of 36 multiply-
-//! adds, so the matrix products (one per position in the 4×4 block, summing over input channels)
-//! do 2.25× less arithmetic than im2col's. The transforms only add, subtract and halve, so the
-//! results stay within a few ulps of direct convolution.
+//! 3×3 stride-1 convolutions by Winograd's minimal filtering F(m×m, 3×3): each m×m block of output
+//! pixels comes from an (m+2)×(m+2) block of input through (m+2)² element-wise products instead of
+//! 9m² multiply-adds, so the matrix products (one per position in the block, summing over input
+//! channels) do 2.25× (m = 2) or 4× (m = 4) less arithmetic than im2col's. F(2×2, 3×3)'s transforms
+//! only add, subtract and halve, so its results stay within a few ulps of direct convolution;
+//! F(4×4, 3×3)'s scale by up to 8 and by sixths, which costs about one more decimal digit.
 //!
-//! Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2015), with
+//! Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2015): output =
+//! Aᵀ [Σ_c (G g Gᵀ) ⊙ (Bᵀ d B)] A, with for F(2×2, 3×3)
 //! Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1], G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1],
-//! Aᵀ = [1 1 1 0; 0 1 −1 −1]: output = Aᵀ [Σ_c (G g Gᵀ) ⊙ (Bᵀ d B)] A.
+//! Aᵀ = [1 1 1 0; 0 1 −1 −1], and for F(4×4, 3×3) (interpolation points 0, ±1, ±2)
+//! Bᵀ = [4 0 −5 0 1 0; 0 −4 −4 1 1 0; 0 4 −4 −1 1 0; 0 −2 −1 2 1 0; 0 2 −1 −2 1 0; 0 4 0 −5 0 1],
+//! G = [¼ 0 0; −⅙ −⅙ −⅙; −⅙ ⅙ −⅙; 1⁄24 1⁄12 ⅙; 1⁄24 −1⁄12 ⅙; 0 0 1],
+//! Aᵀ = [1 1 1 1 1 0; 0 1 −1 2 −2 0; 0 1 1 4 4 0; 0 1 −1 8 −8 1].
 
 use rayon::prelude::*;
 
 use super::cpu_conv::Geometry;
 use super::cpu_gemm::{Dst, Matrix, matmul};
 
-/// Positions in a transformed 4×4 block.
-const POSITIONS: usize = 16;
+/// Which minimal filtering algorithm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tile {
+    /// F(2×2, 3×3): 2×2 outputs from 4×4 inputs.
+    F2,
+    /// F(4×4, 3×3): 4×4 outputs from 6×6 inputs.
+    F4,
+}
 
-/// Whether F(2×2, 3×3) pays off: a 3×3 "same" convolution with enough pixels and channels that the
-/// per-position products run near full rate. Measured on two cores against im2col: 1.35× faster at
-/// 128 channels, 1.6× at 256, 1.9× at 512, but slower at 64 channels (the products' depth is the
-/// channel count, and the transforms cost as much as they save), and no faster at 16² (too few
-/// tiles per product).
-pub fn applies(g: &Geometry) -> bool {
+impl Tile {
+    /// Output pixels along each side of a tile.
+    pub fn output(self) -> usize {
+        match self {
+            Self::F2 => 2,
+            Self::F4 => 4,
+        }
+    }
+
+    /// Input pixels along each side of a tile, and values along each side of a transformed one.
+    fn size(self) -> usize {
+        self.output() + 2
+    }
+
+    /// Positions in a transformed tile.
+    fn positions(self) -> usize {
+        self.size() * self.size()
+    }
+
+    /// G g for one line of the kernel (the first `size` values are used).
+    fn kernel_line(self, [a, b, c]: [f32; 3]) -> [f32; 6] {
+        match self {
+            Self::F2 => [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c, 0.0, 0.0],
+            Self::F4 => {
+                let (even, odd) = (a + c, b);
+                let (far_even, far_odd) = (a / 24.0 + c / 6.0, b / 12.0);
+                [
+                    a / 4.0,
+                    -(even + odd) / 6.0,
+                    -(even - odd) / 6.0,
+                    far_even + far_odd,
+                    far_even - far_odd,
+                    c,
+                ]
+            }
+        }
+    }
+
+    /// Bᵀ d for one line of `size` inputs.
+    #[inline(always)]
+    fn input_line(self, d: [f32; 6]) -> [f32; 6] {
+        match self {
+            Self::F2 => [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3], 0.0, 0.0],
+            Self::F4 => {
+                let (a, b) = (d[4] - 4.0 * d[2], d[3] - 4.0 * d[1]);
+                let (c, e) = (d[4] - d[2], 2.0 * (d[3] - d[1]));
+                [
+                    4.0 * d[0] - 5.0 * d[2] + d[4],
+                    a + b,
+                    a - b,
+                    c + e,
+                    c - e,
+                    4.0 * d[1] - 5.0 * d[3] + d[5],
+                ]
+            }
+        }
+    }
+
+    /// Aᵀ m for one line of `size` products (the first `output` values are used).
+    #[inline(always)]
+    fn output_line(self, m: [f32; 6]) -> [f32; 4] {
+        match self {
+            Self::F2 => [m[0] + m[1] + m[2], m[1] - m[2] - m[3], 0.0, 0.0],
+            Self::F4 => {
+                let (sum, diff) = (m[1] + m[2], m[1] - m[2]);
+                let (far_sum, far_diff) = (m[3] + m[4], m[3] - m[4]);
+                [
+                    m[0] + sum + far_sum,
+                    diff + 2.0 * far_diff,
+                    sum + 4.0 * far_sum,
+                    diff + 8.0 * far_diff + m[5],
+                ]
+            }
+        }
+    }
+}
+
+/// The algorithm that pays off for a 3×3 "same" convolution, if any. Measured on two cores against
+/// im2col (Stable Diffusion's shapes): F(4×4, 3×3) is 1.4–2× faster from 64² up at 64 channels
+/// and more (64 channels at 512²: 1.42×; 320 at 64²: 2.0×; 256 at 256²: 2.1×); at 32² it has too
+/// few tiles per product and F(2×2, 3×3) wins (1.5× at 640 channels), which at 64 channels is
+/// slower than im2col (its transforms cost as much as they save); at 16² neither is faster.
+pub fn choose(g: &Geometry) -> Option<Tile> {
     let [h, w] = g.output_size();
-    g.kernel == 3
-        && g.padding == 1
-        && h >= 32
-        && w >= 32
-        && g.channels_in >= 128
-        && g.channels_out >= 128
+    let channels = g.channels_in.min(g.channels_out);
+    if g.kernel != 3 || g.padding != 1 {
+        None
+    } else if h >= 64 && w >= 64 && channels >= 64 {
+        Some(Tile::F4)
+    } else if h >= 32 && w >= 32 && channels >= 128 {
+        Some(Tile::F2)
+    } else {
+        None
+    }
 }
 
 /// G g Gᵀ for every (output, input) channel pair, laid out [c_out][position][c_in] so that each
 /// position's matrix is a strided [c_out × c_in] view.
-fn transform_weights(weight: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
-    let mut u = vec![0f32; c_out * POSITIONS * c_in];
-    u.par_chunks_mut(POSITIONS * c_in)
+fn transform_weights(tile: Tile, weight: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
+    let (n, positions) = (tile.size(), tile.positions());
+    let mut u = vec![0f32; c_out * positions * c_in];
+    u.par_chunks_mut(positions * c_in)
         .zip(weight.par_chunks_exact(c_in * 9))
         .for_each(|(u, w)| {
             for (ci, g) in w.chunks_exact(9).enumerate() {
-                // G g: 4 rows of 3.
-                let mut gg = [[0f32; 3]; 4];
-                for col in 0..3 {
-                    let (a, b, c) = (g[col], g[3 + col], g[6 + col]);
-                    gg[0][col] = a;
-                    gg[1][col] = 0.5 * (a + b + c);
-                    gg[2][col] = 0.5 * (a - b + c);
-                    gg[3][col] = c;
-                }
-                // (G g) Gᵀ: 4 columns from each row.
-                for (row, r) in gg.iter().enumerate() {
-                    let (a, b, c) = (r[0], r[1], r[2]);
-                    let out = [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
-                    for (col, v) in out.into_iter().enumerate() {
-                        u[(row * 4 + col) * c_in + ci] = v;
+                // G g: a column of `n` for each kernel column.
+                let columns: [[f32; 6]; 3] =
+                    std::array::from_fn(|col| tile.kernel_line([g[col], g[3 + col], g[6 + col]]));
+                // (G g) Gᵀ: each row of G g through G again.
+                for row in 0..n {
+                    let line =
+                        tile.kernel_line([columns[0][row], columns[1][row], columns[2][row]]);
+                    for (col, &v) in line[..n].iter().enumerate() {
+                        u[(row * n + col) * c_in + ci] = v;
                     }
                 }
             }
@@ -63,19 +150,27 @@ fn transform_weights(weight: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
 
 /// Bᵀ d B for one channel's tiles in tile rows `top..top + rows`, laid out [position][tile].
 /// `plane` is the channel's input before any upsampling.
-fn transform_input(v: &mut [f32], plane: &[f32], g: &Geometry, top: usize, rows: usize) {
+fn transform_input(
+    tile: Tile,
+    v: &mut [f32],
+    plane: &[f32],
+    g: &Geometry,
+    top: usize,
+    rows: usize,
+) {
+    let (m, n) = (tile.output(), tile.size());
     let s = g.scale();
     let (in_h, in_w) = (g.height * s, g.width * s);
     let [_, out_w] = g.output_size();
-    let tiles_w = out_w.div_ceil(2);
+    let tiles_w = out_w.div_ceil(m);
     let tiles = rows * tiles_w;
-    // Four input rows, one zero column of padding on the left and enough on the right.
-    let width = 2 * tiles_w + 2;
-    let mut band = vec![0f32; 4 * width];
+    // `n` input rows, one zero column of padding on the left and enough on the right.
+    let width = m * tiles_w + 2;
+    let mut band = vec![0f32; n * width];
     for tr in 0..rows {
         for (r, row) in band.chunks_exact_mut(width).enumerate() {
-            // Input row of this band row: 2·(tile row) − 1 + r, in the (upsampled) input.
-            let y = 2 * (top + tr) + r;
+            // Input row of this band row: m·(tile row) − 1 + r, in the (upsampled) input.
+            let y = m * (top + tr) + r;
             row.fill(0.0);
             if y == 0 || y > in_h {
                 continue;
@@ -90,85 +185,106 @@ fn transform_input(v: &mut [f32], plane: &[f32], g: &Geometry, top: usize, rows:
                 }
             }
         }
-        let (r0, rest) = band.split_at(width);
-        let (r1, rest) = rest.split_at(width);
-        let (r2, r3) = rest.split_at(width);
         for tx in 0..tiles_w {
-            let c = 2 * tx;
+            let c = m * tx;
             let t = tr * tiles_w + tx;
-            // Bᵀ d: four rows of four.
-            let mut bd = [[0f32; 4]; 4];
-            for j in 0..4 {
-                let (d0, d1, d2, d3) = (r0[c + j], r1[c + j], r2[c + j], r3[c + j]);
-                bd[0][j] = d0 - d2;
-                bd[1][j] = d1 + d2;
-                bd[2][j] = d2 - d1;
-                bd[3][j] = d1 - d3;
+            // Bᵀ d: column j of the tile through Bᵀ.
+            let mut bd = [[0f32; 6]; 6];
+            for j in 0..n {
+                let column =
+                    std::array::from_fn(|r| if r < n { band[r * width + c + j] } else { 0.0 });
+                for (i, x) in tile.input_line(column)[..n].iter().enumerate() {
+                    bd[i][j] = *x;
+                }
             }
-            // (Bᵀ d) B.
-            for (i, r) in bd.iter().enumerate() {
-                let out = [r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3]];
-                for (j, x) in out.into_iter().enumerate() {
-                    v[(i * 4 + j) * tiles + t] = x;
+            // (Bᵀ d) B: each row through Bᵀ again.
+            for (i, row) in bd[..n].iter().enumerate() {
+                for (j, &x) in tile.input_line(*row)[..n].iter().enumerate() {
+                    v[(i * n + j) * tiles + t] = x;
                 }
             }
         }
     }
 }
 
-/// Aᵀ m A for one output channel's tiles, added onto its output rows `2·top..`.
-fn transform_output(out: &mut [f32], m: &[f32], g: &Geometry, top: usize, rows: usize) {
+/// Aᵀ m A for one output channel's tiles, plus `base`, written into its output rows `m·top..` (or
+/// added onto them with [`Dst::Accumulate`]).
+#[allow(clippy::too_many_arguments)]
+fn transform_output(
+    tile: Tile,
+    out: &mut [f32],
+    mode: Dst,
+    base: f32,
+    products: &[f32],
+    g: &Geometry,
+    top: usize,
+    rows: usize,
+) {
+    let (m, n) = (tile.output(), tile.size());
     let [out_h, out_w] = g.output_size();
-    let tiles_w = out_w.div_ceil(2);
+    let tiles_w = out_w.div_ceil(m);
     let tiles = rows * tiles_w;
+    let put: fn(&mut f32, f32) = match mode {
+        Dst::Accumulate => |dst, value| *dst += value,
+        Dst::Overwrite => |dst, value| *dst = value,
+    };
     for tr in 0..rows {
         for tx in 0..tiles_w {
             let t = tr * tiles_w + tx;
-            let at = |i: usize, j: usize| m[(i * 4 + j) * tiles + t];
-            // Aᵀ m: two rows of four.
-            let am: [[f32; 4]; 2] = [
-                std::array::from_fn(|j| at(0, j) + at(1, j) + at(2, j)),
-                std::array::from_fn(|j| at(1, j) - at(2, j) - at(3, j)),
-            ];
-            for (dy, r) in am.iter().enumerate() {
-                let y = 2 * (top + tr) + dy;
+            // Aᵀ p: column j of the products through Aᵀ.
+            let mut ap = [[0f32; 6]; 4];
+            for j in 0..n {
+                let column = std::array::from_fn(|i| {
+                    if i < n {
+                        products[(i * n + j) * tiles + t]
+                    } else {
+                        0.0
+                    }
+                });
+                for (i, x) in tile.output_line(column)[..m].iter().enumerate() {
+                    ap[i][j] = *x;
+                }
+            }
+            // (Aᵀ p) A: each row through Aᵀ again.
+            for (dy, row) in ap[..m].iter().enumerate() {
+                let y = m * (top + tr) + dy;
                 if y >= out_h {
                     continue;
                 }
-                let row = &mut out[y * out_w..][..out_w];
-                let x = 2 * tx;
-                row[x] += r[0] + r[1] + r[2];
-                if x + 1 < out_w {
-                    row[x + 1] += r[1] - r[2] - r[3];
+                let x0 = m * tx;
+                let dst = &mut out[y * out_w..][x0..out_w.min(x0 + m)];
+                for (d, &value) in dst.iter_mut().zip(&tile.output_line(*row)) {
+                    put(d, base + value);
                 }
             }
         }
     }
 }
 
-/// `output (+)= conv(input)` for a geometry [`applies`] accepts; `band_floats` bounds each of the
-/// two transformed buffers.
+/// `output (+)= conv(input) + bias` by `tile` for a geometry [`choose`] accepts; `band_floats`
+/// bounds each of the two transformed buffers.
+#[allow(clippy::too_many_arguments)]
 pub fn convolve(
+    tile: Tile,
     output: &mut [f32],
     mode: Dst,
     input: &[f32],
     weight: &[f32],
+    bias: Option<&[f32]>,
     g: &Geometry,
     band_floats: usize,
 ) {
     let [out_h, out_w] = g.output_size();
     let (c_in, c_out) = (g.channels_in, g.channels_out);
+    let (m, positions) = (tile.output(), tile.positions());
     let plane_in = g.height * g.width;
     let plane_out = out_h * out_w;
-    if mode == Dst::Overwrite {
-        output.fill(0.0);
-    }
-    let u = transform_weights(weight, c_out, c_in);
-    let tiles_w = out_w.div_ceil(2);
-    let tile_rows = out_h.div_ceil(2);
-    let band = (band_floats / (POSITIONS * c_in.max(c_out) * tiles_w)).clamp(1, tile_rows);
-    let mut v = vec![0f32; POSITIONS * c_in * band * tiles_w];
-    let mut m = vec![0f32; POSITIONS * c_out * band * tiles_w];
+    let u = transform_weights(tile, weight, c_out, c_in);
+    let tiles_w = out_w.div_ceil(m);
+    let tile_rows = out_h.div_ceil(m);
+    let band = (band_floats / (positions * c_in.max(c_out) * tiles_w)).clamp(1, tile_rows);
+    let mut v = vec![0f32; positions * c_in * band * tiles_w];
+    let mut p = vec![0f32; positions * c_out * band * tiles_w];
     for (image, out) in input
         .chunks_exact(c_in * plane_in)
         .zip(output.chunks_exact_mut(c_out * plane_out))
@@ -176,25 +292,29 @@ pub fn convolve(
         for top in (0..tile_rows).step_by(band) {
             let rows = band.min(tile_rows - top);
             let tiles = rows * tiles_w;
-            let v = &mut v[..POSITIONS * c_in * tiles];
-            let m = &mut m[..POSITIONS * c_out * tiles];
-            v.par_chunks_mut(POSITIONS * tiles)
+            let v = &mut v[..positions * c_in * tiles];
+            let p = &mut p[..positions * c_out * tiles];
+            v.par_chunks_mut(positions * tiles)
                 .zip(image.par_chunks_exact(plane_in))
-                .for_each(|(v, plane)| transform_input(v, plane, g, top, rows));
-            for p in 0..POSITIONS {
+                .for_each(|(v, plane)| transform_input(tile, v, plane, g, top, rows));
+            for position in 0..positions {
                 matmul(
-                    &mut m[p * tiles..],
-                    POSITIONS * tiles,
+                    &mut p[position * tiles..],
+                    positions * tiles,
                     Dst::Overwrite,
-                    Matrix::new(&u[p * c_in..], c_out, c_in, POSITIONS * c_in),
-                    Matrix::new(&v[p * tiles..], c_in, tiles, POSITIONS * tiles),
+                    Matrix::new(&u[position * c_in..], c_out, c_in, positions * c_in),
+                    Matrix::new(&v[position * tiles..], c_in, tiles, positions * tiles),
                     1.0,
                     true,
                 );
             }
             out.par_chunks_mut(plane_out)
-                .zip(m.par_chunks(POSITIONS * tiles))
-                .for_each(|(out, m)| transform_output(out, m, g, top, rows));
+                .zip(p.par_chunks(positions * tiles))
+                .enumerate()
+                .for_each(|(c, (out, p))| {
+                    let base = bias.map_or(0.0, |b| b[c]);
+                    transform_output(tile, out, mode, base, p, g, top, rows)
+                });
         }
     }
 }
