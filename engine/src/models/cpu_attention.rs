@@ -75,43 +75,40 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
 }
 
 vectorized! {
-    fn softmax_in_place(row: &mut [f32]) => softmax
-}
-
-/// Numerically stable softmax in three passes (max, exponentials and their sum, scale), each over
-/// eight independent lanes so the compiler vectorises them.
-#[inline(always)]
-fn softmax(row: &mut [f32]) {
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let mut chunks = row.chunks_exact(8);
-    for chunk in &mut chunks {
-        for (m, &x) in lanes.iter_mut().zip(chunk) {
-            *m = if x > *m { x } else { *m };
+    /// Numerically stable softmax in three passes (max, exponentials and their sum, scale), each
+    /// over eight independent lanes so the compiler vectorises them.
+    fn softmax_in_place(row: &mut [f32]) {
+        let mut lanes = [f32::NEG_INFINITY; 8];
+        let mut chunks = row.chunks_exact(8);
+        for chunk in &mut chunks {
+            for (m, &x) in lanes.iter_mut().zip(chunk) {
+                *m = if x > *m { x } else { *m };
+            }
         }
-    }
-    let max = chunks
-        .remainder()
-        .iter()
-        .chain(&lanes)
-        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+        let max = chunks
+            .remainder()
+            .iter()
+            .chain(&lanes)
+            .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
 
-    let mut sums = [0f32; 8];
-    let mut chunks = row.chunks_exact_mut(8);
-    for chunk in &mut chunks {
-        for (s, x) in sums.iter_mut().zip(chunk) {
+        let mut sums = [0f32; 8];
+        let mut chunks = row.chunks_exact_mut(8);
+        for chunk in &mut chunks {
+            for (s, x) in sums.iter_mut().zip(chunk) {
+                *x = exp(*x - max);
+                *s += *x;
+            }
+        }
+        let mut sum: f32 = sums.iter().sum();
+        for x in chunks.into_remainder() {
             *x = exp(*x - max);
-            *s += *x;
+            sum += *x;
         }
-    }
-    let mut sum: f32 = sums.iter().sum();
-    for x in chunks.into_remainder() {
-        *x = exp(*x - max);
-        sum += *x;
-    }
 
-    let inverse = 1.0 / sum;
-    for x in row.iter_mut() {
-        *x *= inverse;
+        let inverse = 1.0 / sum;
+        for x in row.iter_mut() {
+            *x *= inverse;
+        }
     }
 }
 

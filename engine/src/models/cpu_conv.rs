@@ -62,22 +62,26 @@ impl Geometry {
     }
 }
 
+/// What a convolution reads.
+///
+/// # Shapes
+/// input: [batch, channels_in, height, width]; weight: [channels_out, channels_in, kernel, kernel];
+/// bias: [channels_out]
+#[derive(Clone, Copy, Debug)]
+pub struct Operands<'a> {
+    pub input: &'a [f32],
+    pub weight: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+}
+
 /// `output = conv(input) + bias (+ output)`: with `Dst::Accumulate`, `output` holds a residual
 /// of the output's shape that the convolution is added to.
 ///
 /// # Shapes
-/// input: [batch, channels_in, height, width]; weight: [channels_out, channels_in, kernel, kernel];
-/// bias: [channels_out]; output: [batch, channels_out, output_size]
-pub fn convolve(
-    output: &mut [f32],
-    mode: Dst,
-    input: &[f32],
-    weight: &[f32],
-    bias: Option<&[f32]>,
-    g: &Geometry,
-) {
+/// output: [batch, channels_out, output_size]
+pub fn convolve(output: &mut [f32], mode: Dst, operands: Operands, g: &Geometry) {
     let method = cpu_winograd::choose(g).map_or(Method::Im2col, Method::Winograd);
-    convolve_with(output, mode, input, weight, bias, g, method, BAND_FLOATS);
+    convolve_with(output, mode, operands, g, method, BAND_FLOATS);
 }
 
 /// How [`convolve_with`] computes the product.
@@ -87,18 +91,20 @@ enum Method {
     Winograd(Tile),
 }
 
-#[allow(clippy::too_many_arguments)]
 fn convolve_with(
     output: &mut [f32],
     mode: Dst,
-    input: &[f32],
-    weight: &[f32],
-    bias: Option<&[f32]>,
+    operands: Operands,
     g: &Geometry,
     method: Method,
     band_floats: usize,
 ) {
     assert!(g.valid(), "empty or impossible convolution {g:?}");
+    let Operands {
+        input,
+        weight,
+        bias,
+    } = operands;
     let [out_h, out_w] = g.output_size();
     let plane_in = g.height * g.width;
     let plane_out = out_h * out_w;
@@ -120,7 +126,7 @@ fn convolve_with(
         assert_eq!(bias.len(), g.channels_out, "bias size");
     }
     if let Method::Winograd(tile) = method {
-        cpu_winograd::convolve(tile, output, mode, input, weight, bias, g, band_floats);
+        cpu_winograd::convolve(tile, output, mode, operands, g, band_floats);
         return;
     }
     let mut mode = mode;
@@ -288,16 +294,16 @@ pub fn run(conv: &Conv2d, x: Tensor<4>, residual: Option<Tensor<4>>, g: &Geometr
     let (input, input_start) = flex(x);
     let (weight, weight_start) = flex(conv.weight.val());
     let bias = conv.bias.as_ref().map(|b| flex(b.val()));
-    convolve(
-        &mut output,
-        mode,
-        &input.storage::<f32>()[input_start..][..g.batch * g.channels_in * g.height * g.width],
-        &weight.storage::<f32>()[weight_start..]
+    let operands = Operands {
+        input: &input.storage::<f32>()[input_start..]
+            [..g.batch * g.channels_in * g.height * g.width],
+        weight: &weight.storage::<f32>()[weight_start..]
             [..g.channels_out * g.channels_in * g.kernel * g.kernel],
-        bias.as_ref()
+        bias: bias
+            .as_ref()
             .map(|(b, start)| &b.storage::<f32>()[*start..][..g.channels_out]),
-        g,
-    );
+    };
+    convolve(&mut output, mode, operands, g);
     Tensor::from_data(TensorData::new(output, out_shape), &device)
 }
 
@@ -409,12 +415,15 @@ mod tests {
         let depth_row = 18 * 4;
         for band_floats in [1, 2 * depth_row, 100 * depth_row] {
             let mut out = vec![0.0; 40];
+            let operands = Operands {
+                input: &input,
+                weight: &[1.0; 18],
+                bias: None,
+            };
             convolve_with(
                 &mut out,
                 Dst::Overwrite,
-                &input,
-                &[1.0; 18],
-                None,
+                operands,
                 &g,
                 Method::Im2col,
                 band_floats,
@@ -474,16 +483,12 @@ mod tests {
             let residual = random(batch * c_out * h * w);
             let run = |method| {
                 let mut out = residual.clone();
-                convolve_with(
-                    &mut out,
-                    Dst::Accumulate,
-                    &input,
-                    &weight,
-                    Some(&bias),
-                    &g,
-                    method,
-                    band_floats,
-                );
+                let operands = Operands {
+                    input: &input,
+                    weight: &weight,
+                    bias: Some(&bias),
+                };
+                convolve_with(&mut out, Dst::Accumulate, operands, &g, method, band_floats);
                 out
             };
             let direct = run(Method::Im2col);

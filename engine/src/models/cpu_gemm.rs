@@ -2,20 +2,23 @@
 //! backend itself uses), with strided row-major views bounds-checked before the call, and a way to
 //! run element-wise loops with 8-wide vectors where the CPU has them.
 
-/// Defines `fn name(args)`, which calls `body(args)` (an `#[inline(always)]` function) compiled for
-/// AVX2 and FMA when the CPU has them. The build targets baseline x86-64, whose 4-wide vectors
-/// halve the speed of exp-heavy loops.
+/// Defines `fn name(args) { body }` so that the body is compiled twice, once for AVX2 and FMA, which
+/// runs when the CPU has them, and once for baseline x86-64, whose 4-wide vectors halve the speed of
+/// exp-heavy loops.
 macro_rules! vectorized {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $body:path) => {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$meta])*
         fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
             {
                 #[target_feature(enable = "avx2,fma")]
                 fn avx2_fma($($arg: $ty),*) {
-                    $body($($arg),*)
+                    body($($arg),*)
                 }
                 #[allow(unsafe_code)]
                 // SAFETY: the CPU has just been checked for the features `avx2_fma` is compiled for.
@@ -24,7 +27,7 @@ macro_rules! vectorized {
                 };
                 return;
             }
-            $body($($arg),*)
+            body($($arg),*)
         }
     };
 }

@@ -88,45 +88,34 @@ vectorized! {
         beta: &[f32],
         shift: Option<&[f32]>,
         n: &Norm,
-    ) => normalize_group_body
-}
-
-#[inline(always)]
-fn normalize_group_body(
-    out: &mut [f32],
-    x: &[f32],
-    i: usize,
-    gamma: &[f32],
-    beta: &[f32],
-    shift: Option<&[f32]>,
-    n: &Norm,
-) {
-    let group_len = x.len();
-    let first = (i % n.groups) * (n.channels / n.groups);
-    let batch = i / n.groups;
-    let shift_of = |c: usize| shift.map_or(0.0, |s| s[batch * n.channels + first + c]);
-    let planes = || x.chunks_exact(n.plane).enumerate();
-    let total: f64 = planes()
-        .map(|(c, p)| sum(p, |v| v) + shift_of(c) as f64 * n.plane as f64)
-        .sum();
-    let mean = total / group_len as f64;
-    let squares: f64 = planes()
-        .map(|(c, p)| {
-            let centre = (mean - shift_of(c) as f64) as f32;
-            sum(p, |v| (v - centre) * (v - centre))
-        })
-        .sum();
-    let inv_std = 1.0 / (squares / group_len as f64 + n.epsilon).sqrt();
-    for ((c, p), out) in planes().zip(out.chunks_exact_mut(n.plane)) {
-        let scale = (inv_std * gamma[first + c] as f64) as f32;
-        let offset = (beta[first + c] as f64 + (shift_of(c) as f64 - mean) * scale as f64) as f32;
-        if n.silu {
-            for (o, &v) in out.iter_mut().zip(p) {
-                *o = silu(v * scale + offset);
-            }
-        } else {
-            for (o, &v) in out.iter_mut().zip(p) {
-                *o = v * scale + offset;
+    ) {
+        let group_len = x.len();
+        let first = (i % n.groups) * (n.channels / n.groups);
+        let batch = i / n.groups;
+        let shift_of = |c: usize| shift.map_or(0.0, |s| s[batch * n.channels + first + c]);
+        let planes = || x.chunks_exact(n.plane).enumerate();
+        let total: f64 = planes()
+            .map(|(c, p)| sum(p, |v| v) + shift_of(c) as f64 * n.plane as f64)
+            .sum();
+        let mean = total / group_len as f64;
+        let squares: f64 = planes()
+            .map(|(c, p)| {
+                let centre = (mean - shift_of(c) as f64) as f32;
+                sum(p, |v| (v - centre) * (v - centre))
+            })
+            .sum();
+        let inv_std = 1.0 / (squares / group_len as f64 + n.epsilon).sqrt();
+        for ((c, p), out) in planes().zip(out.chunks_exact_mut(n.plane)) {
+            let scale = (inv_std * gamma[first + c] as f64) as f32;
+            let offset = (beta[first + c] as f64 + (shift_of(c) as f64 - mean) * scale as f64) as f32;
+            if n.silu {
+                for (o, &v) in out.iter_mut().zip(p) {
+                    *o = silu(v * scale + offset);
+                }
+            } else {
+                for (o, &v) in out.iter_mut().zip(p) {
+                    *o = v * scale + offset;
+                }
             }
         }
     }

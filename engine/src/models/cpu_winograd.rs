@@ -15,7 +15,7 @@
 
 use rayon::prelude::*;
 
-use super::cpu_conv::Geometry;
+use super::cpu_conv::{Geometry, Operands};
 use super::cpu_gemm::{Dst, Matrix, matmul};
 
 /// Which minimal filtering algorithm.
@@ -263,14 +263,11 @@ fn transform_output(
 
 /// `output (+)= conv(input) + bias` by `tile` for a geometry [`choose`] accepts; `band_floats`
 /// bounds each of the two transformed buffers.
-#[allow(clippy::too_many_arguments)]
 pub fn convolve(
     tile: Tile,
     output: &mut [f32],
     mode: Dst,
-    input: &[f32],
-    weight: &[f32],
-    bias: Option<&[f32]>,
+    operands: Operands,
     g: &Geometry,
     band_floats: usize,
 ) {
@@ -279,13 +276,14 @@ pub fn convolve(
     let (m, positions) = (tile.output(), tile.positions());
     let plane_in = g.height * g.width;
     let plane_out = out_h * out_w;
-    let u = transform_weights(tile, weight, c_out, c_in);
+    let u = transform_weights(tile, operands.weight, c_out, c_in);
     let tiles_w = out_w.div_ceil(m);
     let tile_rows = out_h.div_ceil(m);
     let band = (band_floats / (positions * c_in.max(c_out) * tiles_w)).clamp(1, tile_rows);
     let mut v = vec![0f32; positions * c_in * band * tiles_w];
     let mut p = vec![0f32; positions * c_out * band * tiles_w];
-    for (image, out) in input
+    for (image, out) in operands
+        .input
         .chunks_exact(c_in * plane_in)
         .zip(output.chunks_exact_mut(c_out * plane_out))
     {
@@ -312,7 +310,7 @@ pub fn convolve(
                 .zip(p.par_chunks(positions * tiles))
                 .enumerate()
                 .for_each(|(c, (out, p))| {
-                    let base = bias.map_or(0.0, |b| b[c]);
+                    let base = operands.bias.map_or(0.0, |b| b[c]);
                     transform_output(tile, out, mode, base, p, g, top, rows)
                 });
         }
