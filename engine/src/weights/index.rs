@@ -158,11 +158,14 @@ impl WeightFile {
     }
 
     /// Lets go of the memory holding a range that has been copied out (whole pages inside it); a
-    /// later read maps the pages in again from the file.
+    /// later read maps the pages in again from the file. Elsewhere than Unix the system reclaims
+    /// such clean file pages itself when memory runs short.
     pub fn release(&self, range: Range<usize>) {
-        const PAGE: usize = 4096;
+        // The largest common page size (Apple silicon), a multiple of the others.
+        const PAGE: usize = 1 << 14;
         let start = range.start.next_multiple_of(PAGE);
         let end = range.end / PAGE * PAGE;
+        #[cfg(unix)]
         if end > start {
             // SAFETY: the mapping is read-only and never written, so dropping pages only makes the
             // next access fault them in again from the file, with the same contents.
@@ -175,6 +178,8 @@ impl WeightFile {
                 )
             };
         }
+        #[cfg(not(unix))]
+        let _ = (start, end);
     }
 }
 
