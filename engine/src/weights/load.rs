@@ -2,9 +2,9 @@
 //!
 //! Each weight becomes a lazy `burn_pack::Tensor` whose bytes are read from the file and widened to
 //! f32 only when the module takes it, so peak memory is the model plus one tensor. f32 weights that
-//! need no rearranging stay where the file is mapped, with no copy. The module tree's names are the diffusers key
-//! names (see `remap.rs` for the few exceptions); [`TorchLayout`] transposes linear weights and
-//! burn-store's `PyTorchToBurnAdapter` renames norm parameters.
+//! need no rearranging stay where the file is mapped, with no copy. The module tree's names are the
+//! diffusers key names (see `remap.rs` for the few exceptions); [`TorchLayout`] transposes linear
+//! weights and burn-store's `PyTorchToBurnAdapter` renames norm parameters.
 //! Anything missing, left over or mis-shaped is an error that names the keys (burn-store
 //! MIGRATION.md: strict loading).
 
@@ -99,9 +99,11 @@ impl WeightSlice {
 
 /// Little-endian floats of any stored width, as f32.
 fn widen(dtype: StoredDtype, bytes: &[u8]) -> Vec<f32> {
-    let halves = |bytes: &[u8]| -> Option<Vec<u16>> {
-        let bits: &[u16] = bytemuck::try_cast_slice(bytes).ok()?;
-        Some(bits.iter().map(|&b| u16::from_le(b)).collect())
+    // Aligned little-endian halves can be read in place.
+    let halves = || -> Option<&[u16]> {
+        cfg!(target_endian = "little")
+            .then(|| bytemuck::try_cast_slice(bytes).ok())
+            .flatten()
     };
     match dtype {
         StoredDtype::F32 => bytes
@@ -109,7 +111,7 @@ fn widen(dtype: StoredDtype, bytes: &[u8]) -> Vec<f32> {
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect(),
         // half's slice conversion uses the CPU's f16 instructions where it has them.
-        StoredDtype::F16 if let Some(bits) = halves(bytes) => {
+        StoredDtype::F16 if let Some(bits) = halves() => {
             let mut floats = vec![0f32; bits.len()];
             bits.reinterpret_cast::<half::f16>()
                 .convert_to_f32_slice(&mut floats);
