@@ -163,17 +163,10 @@ impl Checkpoint {
     /// The tensors of `component` under our module paths.
     fn weights(&self, component: Component) -> Result<Vec<WeightSlice>> {
         match &self.source {
-            Source::Folder => {
-                let file = component_file(&self.path, component.name())?;
-                Ok(file
-                    .tensors()
-                    .keys()
-                    .filter_map(|key| {
-                        let path = module_path(component, key)?;
-                        WeightSlice::whole(&file, key, path)
-                    })
-                    .collect())
-            }
+            Source::Folder => Ok(folder_weights(
+                &component_file(&self.path, component.name())?,
+                component,
+            )),
             Source::SingleFile { file, names } => {
                 let mut slices = Vec::new();
                 for (name, info) in file.tensors() {
@@ -336,6 +329,30 @@ impl Checkpoint {
             scheduler: self.scheduler_config()?,
         })
     }
+}
+
+/// The tensors of a diffusers component file under our module paths.
+fn folder_weights(file: &Arc<WeightFile>, component: Component) -> Vec<WeightSlice> {
+    file.tensors()
+        .keys()
+        .filter_map(|key| {
+            let path = module_path(component, key)?;
+            WeightSlice::whole(file, key, path)
+        })
+        .collect()
+}
+
+/// Loads a VAE published on its own as a diffusers folder (`config.json` and its weights), the
+/// form replacement VAEs such as `sd-vae-ft-mse` come in.
+pub fn load_vae(path: &Path, device: &Device) -> Result<AutoencoderKl> {
+    let config: VaeConfig = read_json(&path.join("config.json"))?;
+    config
+        .validate()
+        .map_err(|e| EngineError::config(path, e))?;
+    let file = component_file(path.parent().unwrap_or(path), &file_name(path))?;
+    let mut model = config.init(device);
+    load_into(&mut model, folder_weights(&file, Component::Vae), path)?;
+    Ok(model)
 }
 
 /// Loads a TAESD (`AutoencoderTiny`): a diffusers folder with `config.json`, or a lone

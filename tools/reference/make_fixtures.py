@@ -22,6 +22,8 @@ Outputs (under the folder given):
                           layer, as SD2 takes the penultimate layer
   models/sd1-inpaint/     9-input-channel inpainting UNet with the SD1 text encoder and VAE
   models/taesd/           AutoencoderTiny (TAESD architecture)
+  models/vae-wide/        an SD VAE folder (`config.json` + weights, f16) with 64 and 128 channels, so that
+                          its 3×3 convolutions at 32² and 64² take the engine's Winograd paths
   reference/*.safetensors and reference/*.json   the dumps
 """
 
@@ -117,6 +119,23 @@ def vae():
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(32, 32, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+
+
+def wide_vae():
+    """Wide enough for the engine's Winograd convolutions (F(4×4) at 64² with ≥ 64 channels, F(2×2) at 32²
+    with ≥ 128), which the 32-channel fixtures never reach."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(64, 128),
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=32,
@@ -508,7 +527,33 @@ def main(out_root):
                 "encoded": tiny.encode(image).latents,
             },
         )
+    wide_vae_fixture(models, ref)
     print("fixtures written to", out_root)
+
+
+@torch.no_grad()
+def wide_vae_fixture(models, ref):
+    """models/vae-wide and reference/vae_wide.safetensors, from their own seed (so they can be made alone:
+    `python -c "import make_fixtures as m; m.wide_vae_fixture('../../tests/fixtures/models',
+    '../../tests/fixtures/reference')"`)."""
+    torch.manual_seed(1)
+    model = randomize(wide_vae(), torch.float16)
+    model.to(torch.float16).save_pretrained(os.path.join(models, "vae-wide"), safe_serialization=True)
+    model.to(torch.float32)
+    g = torch.Generator("cpu").manual_seed(11)
+    latent = torch.randn(1, 4, 32, 32, generator=g)
+    image = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    dist = model.encode(image).latent_dist
+    dump(
+        os.path.join(ref, "vae_wide.safetensors"),
+        {
+            "vae_latent": latent,
+            "vae_decoded": model.decode(latent).sample,
+            "vae_image": image,
+            "vae_mean": dist.mean,
+            "vae_sample_seed7": dist.sample(torch.Generator("cpu").manual_seed(7)),
+        },
+    )
 
 
 def same_weights(model, source):

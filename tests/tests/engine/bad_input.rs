@@ -282,3 +282,34 @@ fn safetensors_whose_length_looks_like_a_pickle_is_not_refused() {
         "{error}"
     );
 }
+
+#[test]
+fn standalone_vae_folder_refuses_pickles_and_foreign_weights() {
+    let dir = scratch().join("vae");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        model("vae-wide").join("config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
+    std::fs::write(dir.join("diffusion_pytorch_model.bin"), b"\x80\x02.").unwrap();
+    let error = studio_engine::load_vae(&dir, &Device::flex()).unwrap_err();
+    assert!(
+        matches!(error, EngineError::PickleRefused { .. }),
+        "{error}"
+    );
+
+    // The narrow fixture VAE's weights under the wide one's config: every conv is the wrong shape.
+    std::fs::copy(
+        model("sd1")
+            .join("vae")
+            .join("diffusion_pytorch_model.safetensors"),
+        dir.join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    let error = studio_engine::load_vae(&dir, &Device::flex()).unwrap_err();
+    assert!(
+        matches!(error, EngineError::WeightMismatch { .. }),
+        "{error}"
+    );
+}

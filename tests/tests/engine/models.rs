@@ -1,8 +1,9 @@
 //! CLIP, UNet, VAE and TAESD outputs equal diffusers' on the same inputs, for every fixture model
 //! and both checkpoint layouts (tolerance: max abs error ≤ 1e-4 × the reference's largest value).
 
+use studio_engine::models::vae::AutoencoderKl;
 use studio_engine::noise::TorchRng;
-use studio_engine::{Checkpoint, Device, ModelFamily, Tensor, load_taesd};
+use studio_engine::{Checkpoint, Device, ModelFamily, Tensor, load_taesd, load_vae};
 use studio_tests::{Reference, assert_close, model};
 
 const TOLERANCE: f32 = 1e-4;
@@ -54,16 +55,20 @@ fn unet_matches(checkpoint: &str, reference: &str) {
 
 fn vae_matches(checkpoint: &str, reference: &str) {
     let device = Device::flex();
-    let reference = Reference::load(reference);
     let vae = open(checkpoint).load_vae(&device).unwrap();
-    let decoded = vae.decode(reference.get("vae_latent").tensor(&device));
+    vae_matches_reference(&vae, checkpoint, reference, &device);
+}
+
+fn vae_matches_reference(vae: &AutoencoderKl, checkpoint: &str, reference: &str, device: &Device) {
+    let reference = Reference::load(reference);
+    let decoded = vae.decode(reference.get("vae_latent").tensor(device));
     assert_close(
         &format!("{checkpoint} VAE decode"),
         decoded,
         reference.get("vae_decoded"),
         TOLERANCE,
     );
-    let distribution = vae.encode(reference.get("vae_image").tensor(&device));
+    let distribution = vae.encode(reference.get("vae_image").tensor(device));
     assert_close(
         &format!("{checkpoint} VAE mean"),
         distribution.mean.clone(),
@@ -151,6 +156,15 @@ fn sd1_single_file_vae() {
 #[test]
 fn sd2_vae_stored_bf16() {
     vae_matches("sd2", "sd2");
+}
+
+#[test]
+fn standalone_vae_through_winograd_convolutions() {
+    // 64 and 128 channels at 32² and 64²: the 3×3 convolutions run as Winograd F(2×2) and F(4×4)
+    // products, which the narrow fixtures never reach.
+    let device = Device::flex();
+    let vae = load_vae(&model("vae-wide"), &device).unwrap();
+    vae_matches_reference(&vae, "vae-wide", "vae_wide", &device);
 }
 
 #[test]
