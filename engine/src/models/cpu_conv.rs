@@ -126,7 +126,8 @@ fn convolve_with(
         assert_eq!(bias.len(), g.channels_out, "bias size");
     }
     if let Method::Winograd(tile) = method {
-        cpu_winograd::convolve(tile, output, mode, operands, g, band_floats);
+        let min_tiles = cpu_winograd::MIN_TILES;
+        cpu_winograd::convolve(tile, output, mode, operands, g, band_floats, min_tiles);
         return;
     }
     let mut mode = mode;
@@ -448,7 +449,7 @@ mod tests {
     }
 
     /// Winograd's F(2×2, 3×3) and F(4×4, 3×3) against im2col on odd sizes (partial last tiles),
-    /// upsampled input, a batch, a residual, and bands of one tile row and of several.
+    /// upsampled input, a batch, a residual, and bands of one tile row, of several and of all.
     #[test]
     fn winograd_matches_im2col() {
         let mut seed = 1u32;
@@ -465,6 +466,7 @@ mod tests {
             (2, 4, 3, 6, 5, true, 1 << 20),
             (1, 8, 8, 11, 4, false, 16 * 8 * 2 * 2),
             (2, 40, 33, 18, 17, false, 1 << 20),
+            (3, 16, 24, 9, 13, true, 1 << 24),
         ] {
             let g = Geometry {
                 batch,
@@ -481,19 +483,24 @@ mod tests {
             let weight = random(c_out * c_in * 9);
             let bias = random(c_out);
             let residual = random(batch * c_out * h * w);
-            let run = |method| {
-                let mut out = residual.clone();
-                let operands = Operands {
-                    input: &input,
-                    weight: &weight,
-                    bias: Some(&bias),
-                };
-                convolve_with(&mut out, Dst::Accumulate, operands, &g, method, band_floats);
-                out
+            let operands = Operands {
+                input: &input,
+                weight: &weight,
+                bias: Some(&bias),
             };
-            let direct = run(Method::Im2col);
+            let mut direct = residual.clone();
+            convolve_with(
+                &mut direct,
+                Dst::Accumulate,
+                operands,
+                &g,
+                Method::Im2col,
+                1 << 20,
+            );
             for tile in [Tile::F2, Tile::F4] {
-                let winograd = run(Method::Winograd(tile));
+                let mut winograd = residual.clone();
+                let mode = Dst::Accumulate;
+                cpu_winograd::convolve(tile, &mut winograd, mode, operands, &g, band_floats, 1);
                 let error = direct
                     .iter()
                     .zip(&winograd)

@@ -104,19 +104,22 @@ impl Tile {
     }
 }
 
-/// The algorithm that pays off for a 3×3 "same" convolution, if any. Measured on two cores against
-/// im2col (Stable Diffusion's shapes): F(4×4, 3×3) is 1.4–2× faster from 64² up at 64 channels
-/// and more (64 channels at 512²: 1.42×; 320 at 64²: 2.0×; 256 at 256²: 2.1×); at 32² it has too
-/// few tiles per product and F(2×2, 3×3) wins (1.5× at 640 channels), which at 64 channels is
-/// slower than im2col (its transforms cost as much as they save); at 16² neither is faster.
+/// The algorithm that pays off for a 3×3 "same" convolution, if any. What decides is how many
+/// tiles (columns) each position's product gets, over the whole batch, against the cost of
+/// transforming the weights, which grows with the channels and not with the pixels. Measured on
+/// two cores against im2col (Stable Diffusion's shapes, batch 2 unless said): F(4×4, 3×3) is
+/// 2.2–2.9× faster from 64² up at 320 channels and more and at 32² at 640–1920, 1.9× at 16² with
+/// 1280–2560 channels, 1.2× at 32² with 64; with 16 tiles or fewer (16² at batch 1) F(2×2, 3×3)
+/// wins, 1.1–1.35× from 320 channels; at 8² im2col is as fast or faster than either.
 pub fn choose(g: &Geometry) -> Option<Tile> {
     let [h, w] = g.output_size();
     let channels = g.channels_in.min(g.channels_out);
-    if g.kernel != 3 || g.padding != 1 {
+    let tiles = |m: usize| g.batch * h.div_ceil(m) * w.div_ceil(m);
+    if g.kernel != 3 || g.padding != 1 || h < 3 || w < 3 {
         None
-    } else if h >= 64 && w >= 64 && channels >= 64 {
+    } else if (tiles(4) >= 32 && channels >= 128) || (tiles(4) >= 64 && channels >= 64) {
         Some(Tile::F4)
-    } else if h >= 32 && w >= 32 && channels >= 128 {
+    } else if tiles(2) >= 64 && channels >= 320 {
         Some(Tile::F2)
     } else {
         None
@@ -124,35 +127,49 @@ pub fn choose(g: &Geometry) -> Option<Tile> {
 }
 
 /// G g Gᵀ for every (output, input) channel pair, laid out [c_out][position][c_in] so that each
-/// position's matrix is a strided [c_out × c_in] view.
+/// position's matrix is a strided [c_out × c_in] view. The transform is linear in the nine taps, so
+/// it is one small product per output channel, `[position × tap] · [tap × c_in]`, whose matrix is
+/// the transform of each unit kernel.
 fn transform_weights(tile: Tile, weight: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
     let (n, positions) = (tile.size(), tile.positions());
+    let mut transform = vec![0f32; positions * 9];
+    for tap in 0..9 {
+        let unit: [f32; 9] = std::array::from_fn(|k| if k == tap { 1.0 } else { 0.0 });
+        // G g: a column of `n` for each kernel column.
+        let columns: [[f32; 6]; 3] =
+            std::array::from_fn(|col| tile.kernel_line([unit[col], unit[3 + col], unit[6 + col]]));
+        // (G g) Gᵀ: each row of G g through G again.
+        for row in 0..n {
+            let line = tile.kernel_line([columns[0][row], columns[1][row], columns[2][row]]);
+            for (col, &v) in line[..n].iter().enumerate() {
+                transform[(row * n + col) * 9 + tap] = v;
+            }
+        }
+    }
     let mut u = vec![0f32; c_out * positions * c_in];
     u.par_chunks_mut(positions * c_in)
         .zip(weight.par_chunks_exact(c_in * 9))
         .for_each(|(u, w)| {
-            for (ci, g) in w.chunks_exact(9).enumerate() {
-                // G g: a column of `n` for each kernel column.
-                let columns: [[f32; 6]; 3] =
-                    std::array::from_fn(|col| tile.kernel_line([g[col], g[3 + col], g[6 + col]]));
-                // (G g) Gᵀ: each row of G g through G again.
-                for row in 0..n {
-                    let line =
-                        tile.kernel_line([columns[0][row], columns[1][row], columns[2][row]]);
-                    for (col, &v) in line[..n].iter().enumerate() {
-                        u[(row * n + col) * c_in + ci] = v;
-                    }
-                }
-            }
+            matmul(
+                u,
+                c_in,
+                Dst::Overwrite,
+                Matrix::new(&transform, positions, 9, 9),
+                Matrix::transpose_of(w, 9, c_in, 9),
+                1.0,
+                false,
+            )
         });
     u
 }
 
-/// Bᵀ d B for one channel's tiles in tile rows `top..top + rows`, laid out [position][tile].
-/// `plane` is the channel's input before any upsampling.
+/// Bᵀ d B for one channel's tiles in tile rows `top..top + rows` of one image, laid out
+/// [position][tile] with `stride` between positions. `plane` is the channel's input before any
+/// upsampling.
 fn transform_input(
     tile: Tile,
     v: &mut [f32],
+    stride: usize,
     plane: &[f32],
     g: &Geometry,
     top: usize,
@@ -163,7 +180,6 @@ fn transform_input(
     let (in_h, in_w) = (g.height * s, g.width * s);
     let [_, out_w] = g.output_size();
     let tiles_w = out_w.div_ceil(m);
-    let tiles = rows * tiles_w;
     // `n` input rows, one zero column of padding on the left and enough on the right.
     let width = m * tiles_w + 2;
     let mut band = vec![0f32; n * width];
@@ -200,15 +216,16 @@ fn transform_input(
             // (Bᵀ d) B: each row through Bᵀ again.
             for (i, row) in bd[..n].iter().enumerate() {
                 for (j, &x) in tile.input_line(*row)[..n].iter().enumerate() {
-                    v[(i * n + j) * tiles + t] = x;
+                    v[(i * n + j) * stride + t] = x;
                 }
             }
         }
     }
 }
 
-/// Aᵀ m A for one output channel's tiles, plus `base`, written into its output rows `m·top..` (or
-/// added onto them with [`Dst::Accumulate`]).
+/// Aᵀ m A for one output channel's tiles in one image (laid out [position][tile] with `stride`
+/// between positions), plus `base`, written into its output rows `m·top..` (or added onto them
+/// with [`Dst::Accumulate`]).
 #[allow(clippy::too_many_arguments)]
 fn transform_output(
     tile: Tile,
@@ -216,6 +233,7 @@ fn transform_output(
     mode: Dst,
     base: f32,
     products: &[f32],
+    stride: usize,
     g: &Geometry,
     top: usize,
     rows: usize,
@@ -223,7 +241,6 @@ fn transform_output(
     let (m, n) = (tile.output(), tile.size());
     let [out_h, out_w] = g.output_size();
     let tiles_w = out_w.div_ceil(m);
-    let tiles = rows * tiles_w;
     let put: fn(&mut f32, f32) = match mode {
         Dst::Accumulate => |dst, value| *dst += value,
         Dst::Overwrite => |dst, value| *dst = value,
@@ -236,7 +253,7 @@ fn transform_output(
             for j in 0..n {
                 let column = std::array::from_fn(|i| {
                     if i < n {
-                        products[(i * n + j) * tiles + t]
+                        products[(i * n + j) * stride + t]
                     } else {
                         0.0
                     }
@@ -261,8 +278,13 @@ fn transform_output(
     }
 }
 
+/// Tiles in each product at least (all of them when there are fewer): the product re-reads the
+/// transformed weights, up to 36 × 2560 × 1280 floats, for every band of tiles.
+pub const MIN_TILES: usize = 256;
+
 /// `output (+)= conv(input) + bias` by `tile` for a geometry [`choose`] accepts; `band_floats`
-/// bounds each of the two transformed buffers.
+/// bounds each of the two transformed buffers unless that would leave fewer than `min_tiles`
+/// tiles per product. The images of a batch share each band, so their tiles share its products.
 pub fn convolve(
     tile: Tile,
     output: &mut [f32],
@@ -270,6 +292,7 @@ pub fn convolve(
     operands: Operands,
     g: &Geometry,
     band_floats: usize,
+    min_tiles: usize,
 ) {
     let [out_h, out_w] = g.output_size();
     let (c_in, c_out) = (g.channels_in, g.channels_out);
@@ -279,40 +302,47 @@ pub fn convolve(
     let u = transform_weights(tile, operands.weight, c_out, c_in);
     let tiles_w = out_w.div_ceil(m);
     let tile_rows = out_h.div_ceil(m);
-    let band = (band_floats / (positions * c_in.max(c_out) * tiles_w)).clamp(1, tile_rows);
-    let mut v = vec![0f32; positions * c_in * band * tiles_w];
-    let mut p = vec![0f32; positions * c_out * band * tiles_w];
-    for (image, out) in operands
-        .input
-        .chunks_exact(c_in * plane_in)
-        .zip(output.chunks_exact_mut(c_out * plane_out))
-    {
-        for top in (0..tile_rows).step_by(band) {
-            let rows = band.min(tile_rows - top);
-            let tiles = rows * tiles_w;
-            let v = &mut v[..positions * c_in * tiles];
-            let p = &mut p[..positions * c_out * tiles];
-            v.par_chunks_mut(positions * tiles)
-                .zip(image.par_chunks_exact(plane_in))
-                .for_each(|(v, plane)| transform_input(tile, v, plane, g, top, rows));
-            for position in 0..positions {
-                matmul(
-                    &mut p[position * tiles..],
-                    positions * tiles,
-                    Dst::Overwrite,
-                    Matrix::new(&u[position * c_in..], c_out, c_in, positions * c_in),
-                    Matrix::new(&v[position * tiles..], c_in, tiles, positions * tiles),
-                    1.0,
-                    true,
-                );
-            }
-            out.par_chunks_mut(plane_out)
-                .zip(p.par_chunks(positions * tiles))
-                .enumerate()
-                .for_each(|(c, (out, p))| {
-                    let base = operands.bias.map_or(0.0, |b| b[c]);
-                    transform_output(tile, out, mode, base, p, g, top, rows)
-                });
+    let row_tiles = g.batch * tiles_w;
+    let band = (band_floats / (positions * c_in.max(c_out) * row_tiles))
+        .max(min_tiles.div_ceil(row_tiles))
+        .clamp(1, tile_rows);
+    let mut v = vec![0f32; positions * c_in * band * row_tiles];
+    let mut p = vec![0f32; positions * c_out * band * row_tiles];
+    for top in (0..tile_rows).step_by(band) {
+        let rows = band.min(tile_rows - top);
+        // Tiles of one image in this band, and of the whole batch.
+        let tiles = rows * tiles_w;
+        let total = g.batch * tiles;
+        let v = &mut v[..positions * c_in * total];
+        let p = &mut p[..positions * c_out * total];
+        v.par_chunks_mut(positions * total)
+            .enumerate()
+            .for_each(|(c, v)| {
+                for image in 0..g.batch {
+                    let plane = &operands.input[(image * c_in + c) * plane_in..][..plane_in];
+                    transform_input(tile, &mut v[image * tiles..], total, plane, g, top, rows);
+                }
+            });
+        for position in 0..positions {
+            matmul(
+                &mut p[position * total..],
+                positions * total,
+                Dst::Overwrite,
+                Matrix::new(&u[position * c_in..], c_out, c_in, positions * c_in),
+                Matrix::new(&v[position * total..], c_in, total, positions * total),
+                1.0,
+                true,
+            );
         }
+        let p = &*p;
+        output
+            .par_chunks_mut(plane_out)
+            .enumerate()
+            .for_each(|(i, out)| {
+                let (image, c) = (i / c_out, i % c_out);
+                let base = operands.bias.map_or(0.0, |b| b[c]);
+                let products = &p[c * positions * total + image * tiles..];
+                transform_output(tile, out, mode, base, products, total, g, top, rows)
+            });
     }
 }
