@@ -2,6 +2,7 @@
 //! field names are the checkpoint's key segments.
 
 pub mod clip;
+pub mod cpu_activation;
 pub mod cpu_attention;
 pub mod cpu_conv;
 pub mod cpu_gemm;

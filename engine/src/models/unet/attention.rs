@@ -8,6 +8,7 @@ use burn::nn::{GroupNorm, LayerNorm, Linear};
 use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Tensor};
 
+use crate::models::cpu_activation;
 use crate::models::layers::{
     Attention, AttentionConfig, conv2d, convolve, convolve_fused, group_norm, layer_norm, linear,
     normalize,
@@ -141,10 +142,11 @@ impl BasicTransformerBlock {
 
 impl FeedForward {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let [hidden, gate] = self
-            .geglu
-            .proj
-            .forward(x)
+        let projected = self.geglu.proj.forward(x);
+        if let Some(y) = cpu_activation::geglu(&projected) {
+            return self.out.forward(y);
+        }
+        let [hidden, gate] = projected
             .chunk(2, 2)
             .try_into()
             .expect("GEGLU splits in two");
