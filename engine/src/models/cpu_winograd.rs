@@ -13,10 +13,12 @@
 //! G = [¼ 0 0; −⅙ −⅙ −⅙; −⅙ ⅙ −⅙; 1⁄24 1⁄12 ⅙; 1⁄24 −1⁄12 ⅙; 0 0 1],
 //! Aᵀ = [1 1 1 1 1 0; 0 1 −1 2 −2 0; 0 1 1 4 4 0; 0 1 −1 8 −8 1].
 
+use std::ops::{Add, Mul, Sub};
+
 use rayon::prelude::*;
 
 use super::cpu_conv::{Geometry, Operands};
-use super::cpu_gemm::{Dst, Matrix, matmul};
+use super::cpu_gemm::{Dst, Matrix, matmul, vectorized};
 
 /// Which minimal filtering algorithm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,19 +69,26 @@ impl Tile {
 
     /// Bᵀ d for one line of `size` inputs.
     #[inline(always)]
-    fn input_line(self, d: [f32; 6]) -> [f32; 6] {
+    fn input_line<V: Value>(self, d: [V; 6]) -> [V; 6] {
         match self {
-            Self::F2 => [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3], 0.0, 0.0],
+            Self::F2 => [
+                d[0] - d[2],
+                d[1] + d[2],
+                d[2] - d[1],
+                d[1] - d[3],
+                V::ZERO,
+                V::ZERO,
+            ],
             Self::F4 => {
-                let (a, b) = (d[4] - 4.0 * d[2], d[3] - 4.0 * d[1]);
-                let (c, e) = (d[4] - d[2], 2.0 * (d[3] - d[1]));
+                let (a, b) = (d[4] - d[2] * 4.0, d[3] - d[1] * 4.0);
+                let (c, e) = (d[4] - d[2], (d[3] - d[1]) * 2.0);
                 [
-                    4.0 * d[0] - 5.0 * d[2] + d[4],
+                    d[0] * 4.0 - d[2] * 5.0 + d[4],
                     a + b,
                     a - b,
                     c + e,
                     c - e,
-                    4.0 * d[1] - 5.0 * d[3] + d[5],
+                    d[1] * 4.0 - d[3] * 5.0 + d[5],
                 ]
             }
         }
@@ -87,20 +96,61 @@ impl Tile {
 
     /// Aᵀ m for one line of `size` products (the first `output` values are used).
     #[inline(always)]
-    fn output_line(self, m: [f32; 6]) -> [f32; 4] {
+    fn output_line<V: Value>(self, m: [V; 6]) -> [V; 4] {
         match self {
-            Self::F2 => [m[0] + m[1] + m[2], m[1] - m[2] - m[3], 0.0, 0.0],
+            Self::F2 => [m[0] + m[1] + m[2], m[1] - m[2] - m[3], V::ZERO, V::ZERO],
             Self::F4 => {
                 let (sum, diff) = (m[1] + m[2], m[1] - m[2]);
                 let (far_sum, far_diff) = (m[3] + m[4], m[3] - m[4]);
                 [
                     m[0] + sum + far_sum,
-                    diff + 2.0 * far_diff,
-                    sum + 4.0 * far_sum,
-                    diff + 8.0 * far_diff + m[5],
+                    diff + far_diff * 2.0,
+                    sum + far_sum * 4.0,
+                    diff + far_diff * 8.0 + m[5],
                 ]
             }
         }
+    }
+}
+
+/// What the input and output transforms compute with.
+trait Value: Copy + Add<Output = Self> + Sub<Output = Self> + Mul<f32, Output = Self> {
+    const ZERO: Self;
+}
+
+/// Tiles transformed side by side, one per lane.
+const LANES: usize = 8;
+
+/// The same position in [`LANES`] neighbouring tiles: arithmetic on these is element-wise, so
+/// the compiler turns each operation into one vector instruction.
+#[derive(Clone, Copy)]
+struct Lanes([f32; LANES]);
+
+impl Value for Lanes {
+    const ZERO: Self = Self([0.0; LANES]);
+}
+
+impl Add for Lanes {
+    type Output = Self;
+    #[inline(always)]
+    fn add(self, other: Self) -> Self {
+        Self(std::array::from_fn(|l| self.0[l] + other.0[l]))
+    }
+}
+
+impl Sub for Lanes {
+    type Output = Self;
+    #[inline(always)]
+    fn sub(self, other: Self) -> Self {
+        Self(std::array::from_fn(|l| self.0[l] - other.0[l]))
+    }
+}
+
+impl Mul<f32> for Lanes {
+    type Output = Self;
+    #[inline(always)]
+    fn mul(self, k: f32) -> Self {
+        Self(self.0.map(|x| x * k))
     }
 }
 
@@ -163,115 +213,144 @@ fn transform_weights(tile: Tile, weight: &[f32], c_out: usize, c_in: usize) -> V
     u
 }
 
-/// Bᵀ d B for one channel's tiles in tile rows `top..top + rows` of one image, laid out
-/// [position][tile] with `stride` between positions. `plane` is the channel's input before any
-/// upsampling.
-fn transform_input(
-    tile: Tile,
-    v: &mut [f32],
-    stride: usize,
-    plane: &[f32],
-    g: &Geometry,
-    top: usize,
-    rows: usize,
-) {
-    let (m, n) = (tile.output(), tile.size());
-    let s = g.scale();
-    let (in_h, in_w) = (g.height * s, g.width * s);
-    let [_, out_w] = g.output_size();
-    let tiles_w = out_w.div_ceil(m);
-    // `n` input rows, one zero column of padding on the left and enough on the right.
-    let width = m * tiles_w + 2;
-    let mut band = vec![0f32; n * width];
-    for tr in 0..rows {
-        for (r, row) in band.chunks_exact_mut(width).enumerate() {
-            // Input row of this band row: m·(tile row) − 1 + r, in the (upsampled) input.
-            let y = m * (top + tr) + r;
-            row.fill(0.0);
-            if y == 0 || y > in_h {
-                continue;
-            }
-            let src = &plane[(y - 1) / s * g.width..][..g.width];
-            let dst = &mut row[1..1 + in_w];
-            if s == 1 {
-                dst.copy_from_slice(src);
-            } else {
-                for (pair, &x) in dst.chunks_exact_mut(2).zip(src) {
-                    pair.fill(x);
+vectorized! {
+    /// Bᵀ d B for one channel's tiles in tile rows `top..top + rows` of one image, laid out
+    /// [position][tile] with `stride` between positions, [`LANES`] tiles at a time. `plane` is the
+    /// channel's input before any upsampling.
+    fn transform_input(
+        tile: Tile,
+        v: &mut [f32],
+        stride: usize,
+        plane: &[f32],
+        g: &Geometry,
+        top: usize,
+        rows: usize,
+    ) {
+        let (m, n) = (tile.output(), tile.size());
+        let s = g.scale();
+        let (in_h, in_w) = (g.height * s, g.width * s);
+        let [_, out_w] = g.output_size();
+        let tiles_w = out_w.div_ceil(m);
+        let groups = tiles_w.div_ceil(LANES);
+        // `n` input rows, one zero column of padding on the left and enough on the right for
+        // the last group's unused lanes.
+        let width = m * LANES * groups + 2;
+        let mut band = vec![0f32; n * width];
+        for tr in 0..rows {
+            for (r, row) in band.chunks_exact_mut(width).enumerate() {
+                // Input row of this band row: m·(tile row) − 1 + r, in the (upsampled) input.
+                let y = m * (top + tr) + r;
+                row.fill(0.0);
+                if y == 0 || y > in_h {
+                    continue;
+                }
+                let src = &plane[(y - 1) / s * g.width..][..g.width];
+                let dst = &mut row[1..1 + in_w];
+                if s == 1 {
+                    dst.copy_from_slice(src);
+                } else {
+                    for (pair, &x) in dst.chunks_exact_mut(2).zip(src) {
+                        pair.fill(x);
+                    }
                 }
             }
-        }
-        for tx in 0..tiles_w {
-            let c = m * tx;
-            let t = tr * tiles_w + tx;
-            // Bᵀ d: column j of the tile through Bᵀ.
-            let mut bd = [[0f32; 6]; 6];
-            for j in 0..n {
-                let column =
-                    std::array::from_fn(|r| if r < n { band[r * width + c + j] } else { 0.0 });
-                for (i, x) in tile.input_line(column)[..n].iter().enumerate() {
-                    bd[i][j] = *x;
+            for group in 0..groups {
+                let first = group * LANES;
+                let lanes = LANES.min(tiles_w - first);
+                // dt[j][r]: input (r, j) of each tile in the group.
+                let mut dt = [[Lanes::ZERO; 6]; 6];
+                for r in 0..n {
+                    let row = &band[r * width + m * first..];
+                    for (j, column) in dt[..n].iter_mut().enumerate() {
+                        for (l, x) in column[r].0.iter_mut().enumerate() {
+                            *x = row[m * l + j];
+                        }
+                    }
                 }
-            }
-            // (Bᵀ d) B: each row through Bᵀ again.
-            for (i, row) in bd[..n].iter().enumerate() {
-                for (j, &x) in tile.input_line(*row)[..n].iter().enumerate() {
-                    v[(i * n + j) * stride + t] = x;
+                // Bᵀ d: column j of the tiles through Bᵀ.
+                let mut bd = [[Lanes::ZERO; 6]; 6];
+                for (j, column) in dt[..n].iter().enumerate() {
+                    for (i, x) in tile.input_line(*column)[..n].iter().enumerate() {
+                        bd[i][j] = *x;
+                    }
+                }
+                // (Bᵀ d) B: each row through Bᵀ again.
+                let t = tr * tiles_w + first;
+                for (i, row) in bd[..n].iter().enumerate() {
+                    for (j, x) in tile.input_line(*row)[..n].iter().enumerate() {
+                        let dst = &mut v[(i * n + j) * stride + t..][..lanes];
+                        match <&mut [f32; LANES]>::try_from(&mut *dst) {
+                            Ok(whole) => *whole = x.0,
+                            Err(_) => dst.copy_from_slice(&x.0[..lanes]),
+                        }
+                    }
                 }
             }
         }
     }
 }
 
-/// Aᵀ m A for one output channel's tiles in one image (laid out [position][tile] with `stride`
-/// between positions), plus `base`, written into its output rows `m·top..` (or added onto them
-/// with [`Dst::Accumulate`]).
-#[allow(clippy::too_many_arguments)]
-fn transform_output(
-    tile: Tile,
-    out: &mut [f32],
-    mode: Dst,
-    base: f32,
-    products: &[f32],
-    stride: usize,
-    g: &Geometry,
-    top: usize,
-    rows: usize,
-) {
-    let (m, n) = (tile.output(), tile.size());
-    let [out_h, out_w] = g.output_size();
-    let tiles_w = out_w.div_ceil(m);
-    let put: fn(&mut f32, f32) = match mode {
-        Dst::Accumulate => |dst, value| *dst += value,
-        Dst::Overwrite => |dst, value| *dst = value,
-    };
-    for tr in 0..rows {
-        for tx in 0..tiles_w {
-            let t = tr * tiles_w + tx;
-            // Aᵀ p: column j of the products through Aᵀ.
-            let mut ap = [[0f32; 6]; 4];
-            for j in 0..n {
-                let column = std::array::from_fn(|i| {
-                    if i < n {
-                        products[(i * n + j) * stride + t]
-                    } else {
-                        0.0
+vectorized! {
+    /// Aᵀ m A for one output channel's tiles in one image (laid out [position][tile] with
+    /// `stride` between positions), plus `base`, written into its output rows `m·top..` (or added
+    /// onto them with [`Dst::Accumulate`]), [`LANES`] tiles at a time.
+    #[allow(clippy::too_many_arguments)]
+    fn transform_output(
+        tile: Tile,
+        out: &mut [f32],
+        mode: Dst,
+        base: f32,
+        products: &[f32],
+        stride: usize,
+        g: &Geometry,
+        top: usize,
+        rows: usize,
+    ) {
+        let (m, n) = (tile.output(), tile.size());
+        let [out_h, out_w] = g.output_size();
+        let tiles_w = out_w.div_ceil(m);
+        for tr in 0..rows {
+            for group in 0..tiles_w.div_ceil(LANES) {
+                let first = group * LANES;
+                let lanes = LANES.min(tiles_w - first);
+                let t = tr * tiles_w + first;
+                // pt[j][i]: the products at position (i, j) of each tile in the group.
+                let mut pt = [[Lanes::ZERO; 6]; 6];
+                for i in 0..n {
+                    for (j, column) in pt[..n].iter_mut().enumerate() {
+                        let p = &products[(i * n + j) * stride + t..][..lanes];
+                        // A whole group as one fixed-size (vector) copy, not a call to memcpy.
+                        match <[f32; LANES]>::try_from(p) {
+                            Ok(whole) => column[i] = Lanes(whole),
+                            Err(_) => column[i].0[..lanes].copy_from_slice(p),
+                        }
                     }
-                });
-                for (i, x) in tile.output_line(column)[..m].iter().enumerate() {
-                    ap[i][j] = *x;
                 }
-            }
-            // (Aᵀ p) A: each row through Aᵀ again.
-            for (dy, row) in ap[..m].iter().enumerate() {
-                let y = m * (top + tr) + dy;
-                if y >= out_h {
-                    continue;
+                // Aᵀ p: column j of the products through Aᵀ.
+                let mut ap = [[Lanes::ZERO; 6]; 4];
+                for (j, column) in pt[..n].iter().enumerate() {
+                    for (i, x) in tile.output_line(*column)[..m].iter().enumerate() {
+                        ap[i][j] = *x;
+                    }
                 }
-                let x0 = m * tx;
-                let dst = &mut out[y * out_w..][x0..out_w.min(x0 + m)];
-                for (d, &value) in dst.iter_mut().zip(&tile.output_line(*row)) {
-                    put(d, base + value);
+                // (Aᵀ p) A: each row through Aᵀ again.
+                for (dy, row) in ap[..m].iter().enumerate() {
+                    let y = m * (top + tr) + dy;
+                    if y >= out_h {
+                        continue;
+                    }
+                    let row = tile.output_line(*row);
+                    let dst = &mut out[y * out_w..][..out_w];
+                    for l in 0..lanes {
+                        let x0 = m * (first + l);
+                        for (dx, d) in dst[x0..out_w.min(x0 + m)].iter_mut().enumerate() {
+                            let value = base + row[dx].0[l];
+                            match mode {
+                                Dst::Accumulate => *d += value,
+                                Dst::Overwrite => *d = value,
+                            }
+                        }
+                    }
                 }
             }
         }
