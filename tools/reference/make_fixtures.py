@@ -128,8 +128,8 @@ def vae():
 
 
 def wide_vae():
-    """Wide enough for the engine's Winograd convolutions (F(4×4) at 64² with ≥ 64 channels, F(2×2) at 32²
-    with ≥ 128), which the 32-channel fixtures never reach."""
+    """Wide enough for the engine's Winograd convolutions (F(4×4) at 32² and 64² with 64 and 128
+    channels), which the 32-channel fixtures never reach."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
