@@ -69,15 +69,15 @@ impl Tile {
 
     /// Bᵀ d for one line of `size` inputs.
     #[inline(always)]
-    fn input_line<V: Value>(self, d: [V; 6]) -> [V; 6] {
+    fn input_line(self, d: [Lanes; 6]) -> [Lanes; 6] {
         match self {
             Self::F2 => [
                 d[0] - d[2],
                 d[1] + d[2],
                 d[2] - d[1],
                 d[1] - d[3],
-                V::ZERO,
-                V::ZERO,
+                Lanes::ZERO,
+                Lanes::ZERO,
             ],
             Self::F4 => {
                 let (a, b) = (d[4] - d[2] * 4.0, d[3] - d[1] * 4.0);
@@ -96,9 +96,14 @@ impl Tile {
 
     /// Aᵀ m for one line of `size` products (the first `output` values are used).
     #[inline(always)]
-    fn output_line<V: Value>(self, m: [V; 6]) -> [V; 4] {
+    fn output_line(self, m: [Lanes; 6]) -> [Lanes; 4] {
         match self {
-            Self::F2 => [m[0] + m[1] + m[2], m[1] - m[2] - m[3], V::ZERO, V::ZERO],
+            Self::F2 => [
+                m[0] + m[1] + m[2],
+                m[1] - m[2] - m[3],
+                Lanes::ZERO,
+                Lanes::ZERO,
+            ],
             Self::F4 => {
                 let (sum, diff) = (m[1] + m[2], m[1] - m[2]);
                 let (far_sum, far_diff) = (m[3] + m[4], m[3] - m[4]);
@@ -113,11 +118,6 @@ impl Tile {
     }
 }
 
-/// What the input and output transforms compute with.
-trait Value: Copy + Add<Output = Self> + Sub<Output = Self> + Mul<f32, Output = Self> {
-    const ZERO: Self;
-}
-
 /// Tiles transformed side by side, one per lane.
 const LANES: usize = 8;
 
@@ -126,7 +126,7 @@ const LANES: usize = 8;
 #[derive(Clone, Copy)]
 struct Lanes([f32; LANES]);
 
-impl Value for Lanes {
+impl Lanes {
     const ZERO: Self = Self([0.0; LANES]);
 }
 
@@ -165,7 +165,7 @@ pub fn choose(g: &Geometry) -> Option<Tile> {
     let [h, w] = g.output_size();
     let channels = g.channels_in.min(g.channels_out);
     let tiles = |m: usize| g.batch * h.div_ceil(m) * w.div_ceil(m);
-    if g.kernel != 3 || g.padding != 1 || h < 3 || w < 3 {
+    if g.kernel != 3 || g.padding != 1 {
         None
     } else if (tiles(4) >= 32 && channels >= 128) || (tiles(4) >= 64 && channels >= 64) {
         Some(Tile::F4)
