@@ -33,6 +33,8 @@ macro_rules! vectorized {
 }
 pub(crate) use vectorized;
 
+use std::mem::MaybeUninit;
+
 /// A matrix inside a slice: element (r, c) is `data[r · row_stride + c]`.
 #[derive(Clone, Copy)]
 pub struct Matrix<'a> {
@@ -99,6 +101,50 @@ pub fn matmul(
     scale: f32,
     parallel: bool,
 ) {
+    product(
+        as_uninit(dst),
+        dst_row_stride,
+        mode,
+        lhs,
+        rhs,
+        scale,
+        parallel,
+    );
+}
+
+/// `dst = scale · lhs · rhs` into a dense `lhs.rows × rhs.cols` block of memory not yet written,
+/// for a buffer that is about to be overwritten without being zeroed first: gemm writes every
+/// element and reads none, so `dst` is initialised afterwards.
+pub fn matmul_uninit(
+    dst: &mut [MaybeUninit<f32>],
+    lhs: Matrix,
+    rhs: Matrix,
+    scale: f32,
+    parallel: bool,
+) {
+    assert_eq!(dst.len(), lhs.rows * rhs.cols, "a dense destination");
+    product(dst, rhs.cols, Dst::Overwrite, lhs, rhs, scale, parallel);
+}
+
+/// `&mut [f32]` seen as possibly uninitialised memory, for [`matmul`], whose destination is
+/// initialised and may be read.
+fn as_uninit(dst: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    #[allow(unsafe_code)]
+    // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and `product` only ever stores `f32` values.
+    unsafe {
+        std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast(), dst.len())
+    }
+}
+
+fn product(
+    dst: &mut [MaybeUninit<f32>],
+    dst_row_stride: usize,
+    mode: Dst,
+    lhs: Matrix,
+    rhs: Matrix,
+    scale: f32,
+    parallel: bool,
+) {
     let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
     assert_eq!(rhs.rows, k, "inner dimensions differ");
     if m == 0 || n == 0 {
@@ -122,13 +168,15 @@ pub fn matmul(
     #[allow(unsafe_code)]
     // SAFETY: the asserts above keep every element gemm addresses inside the three slices, and
     // distinct destination elements apart (row stride ≥ row length); `dst` is borrowed mutably, so
-    // it overlaps neither operand.
+    // it overlaps neither operand. Without `read_dst` gemm sets its `alpha` to zero and stores
+    // into `dst` without loading it, so `dst` may be uninitialised then; with it, `matmul` is the
+    // only caller and passes initialised memory.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.as_mut_ptr().cast::<f32>(),
             1,
             dst_row_stride as isize,
             mode == Dst::Accumulate,

@@ -18,7 +18,7 @@ use std::ops::{Add, Mul, Sub};
 use rayon::prelude::*;
 
 use super::cpu_conv::{Geometry, Operands};
-use super::cpu_gemm::{Dst, Matrix, matmul, vectorized};
+use super::cpu_gemm::{Dst, Matrix, matmul, matmul_uninit, vectorized};
 
 /// Which minimal filtering algorithm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,20 +196,28 @@ fn transform_weights(tile: Tile, weight: &[f32], c_out: usize, c_in: usize) -> V
             }
         }
     }
-    let mut u = vec![0f32; c_out * positions * c_in];
-    u.par_chunks_mut(positions * c_in)
+    // Not zeroed first: up to 36 × 2560 × 1280 floats, every one written by its product.
+    let len = c_out * positions * c_in;
+    assert_eq!(weight.len(), c_out * c_in * 9, "3×3 weights");
+    let mut u = Vec::with_capacity(len);
+    u.spare_capacity_mut()[..len]
+        .par_chunks_mut(positions * c_in)
         .zip(weight.par_chunks_exact(c_in * 9))
         .for_each(|(u, w)| {
-            matmul(
+            matmul_uninit(
                 u,
-                c_in,
-                Dst::Overwrite,
                 Matrix::new(&transform, positions, 9, 9),
                 Matrix::transpose_of(w, 9, c_in, 9),
                 1.0,
                 false,
             )
         });
+    #[allow(unsafe_code)]
+    // SAFETY: the chunks cover all `len` elements (c_out chunks of each), and `matmul_uninit`
+    // writes the whole of its dense destination.
+    unsafe {
+        u.set_len(len)
+    };
     u
 }
 
