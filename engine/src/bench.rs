@@ -229,8 +229,9 @@ pub fn run(
     let mut step_seconds = BTreeMap::new();
     for &side in &sides {
         progress(&format!("UNet step with CFG at {side}²"));
+        // One latent for the [uncond, cond] contexts, as the pipeline steps with guidance.
         let latents = Tensor::<4>::random(
-            [2, 4, side / 8, side / 8],
+            [1, 4, side / 8, side / 8],
             Distribution::Normal(0.0, 1.0),
             device,
         );

@@ -377,10 +377,8 @@ impl Denoiser for ModelDenoiser<'_, '_> {
         if let Some((mask, masked)) = &self.conditioning {
             input = Tensor::cat(vec![input, mask.clone(), masked.clone()], 1);
         }
-        if self.guidance.is_some() {
-            input = Tensor::cat(vec![input.clone(), input], 0);
-        }
         let timestep = self.sigmas.timesteps[step];
+        // With guidance the context is [uncond, cond] and the UNet shares the one latent between them.
         let out = self
             .pipeline
             .models

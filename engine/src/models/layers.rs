@@ -89,6 +89,21 @@ pub fn normalize<const D: usize>(
     if silu { activation::silu(y) } else { y }
 }
 
+/// `x` with its batch repeated until it holds `batch` entries. Classifier-free guidance gives the
+/// UNet one latent for several text contexts; layers before the first cross-attention compute it
+/// once, and this hands the shared state to the layers that tell the branches apart.
+pub fn repeat_batch<const D: usize>(x: Tensor<D>, batch: usize) -> Tensor<D> {
+    let have = x.dims()[0];
+    if have == batch {
+        return x;
+    }
+    assert!(
+        have > 0 && batch.is_multiple_of(have),
+        "a batch of {have} cannot be shared by {batch}"
+    );
+    Tensor::cat(vec![x; batch / have], 0)
+}
+
 pub fn linear(d_input: usize, d_output: usize, bias: bool, device: &Device) -> Linear {
     LinearConfig::new(d_input, d_output)
         .with_bias(bias)

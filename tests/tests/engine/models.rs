@@ -4,7 +4,7 @@
 use studio_engine::models::vae::AutoencoderKl;
 use studio_engine::noise::TorchRng;
 use studio_engine::{Checkpoint, Device, ModelFamily, Tensor, load_taesd, load_vae};
-use studio_tests::{Reference, assert_close, model};
+use studio_tests::{Expected, Reference, assert_close, model};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -51,6 +51,32 @@ fn unet_matches(checkpoint: &str, reference: &str) {
             TOLERANCE,
         );
     }
+}
+
+/// One latent given with two contexts (classifier-free guidance) runs the layers before the first
+/// cross-attention once; the result must equal the UNet run on the latent written out twice, which
+/// `unet_matches` holds to diffusers.
+fn unet_shares_a_latent(checkpoint: &str, reference: &str) {
+    let device = Device::flex();
+    let reference = Reference::load(reference);
+    let unet = open(checkpoint).load_unet(&device).unwrap();
+    let latents = reference.get("latents").tensor::<4>(&device);
+    let [_, channels, height, width] = latents.dims();
+    let latent = latents.slice([0..1, 0..channels, 0..height, 0..width]);
+    let context = reference.get("context").tensor::<3>(&device);
+    let twice = Tensor::cat(vec![latent.clone(), latent.clone()], 0);
+    let written_out = unet.forward(twice, &[500.5], context.clone());
+    let expected = Expected {
+        shape: written_out.dims().to_vec(),
+        values: written_out.into_data().try_to_vec::<f32>().unwrap(),
+    };
+    let shared = unet.forward(latent, &[500.5], context);
+    assert_close(
+        &format!("{checkpoint} UNet with a shared latent"),
+        shared,
+        &expected,
+        TOLERANCE,
+    );
 }
 
 fn vae_matches(checkpoint: &str, reference: &str) {
@@ -126,6 +152,16 @@ fn sd1_unet() {
 #[test]
 fn sd1_single_file_unet() {
     unet_matches("sd1.safetensors", "sd1");
+}
+
+#[test]
+fn sd1_unet_shares_a_latent_between_guidance_contexts() {
+    unet_shares_a_latent("sd1", "sd1");
+}
+
+#[test]
+fn sd2_unet_shares_a_latent_between_guidance_contexts() {
+    unet_shares_a_latent("sd2", "sd2");
 }
 
 #[test]

@@ -11,7 +11,7 @@ use burn::tensor::{Device, Tensor};
 use crate::models::cpu_activation;
 use crate::models::layers::{
     Attention, AttentionConfig, conv2d, convolve, convolve_fused, group_norm, layer_norm, linear,
-    normalize,
+    normalize, repeat_batch,
 };
 
 /// The projection into and out of the transformer: a 1×1 convolution (SD1) or a linear layer on the
@@ -109,11 +109,19 @@ impl TransformerConfig {
 
 impl Transformer2DModel {
     /// # Shapes
-    /// x: [batch, channels, h, w], context: [batch, tokens, context_dim] → [batch, channels, h, w]
+    /// x: [batch, channels, h, w], context: [batch · copies, tokens, context_dim]
+    /// → [batch · copies, channels, h, w]: a latent shared by several contexts (classifier-free
+    /// guidance) is computed once up to the first cross-attention.
     pub fn forward(&self, x: Tensor<4>, context: &Tensor<3>) -> Tensor<4> {
-        let [batch, channels, height, width] = x.dims();
-        let to_tokens = |x: Tensor<4>| x.reshape([batch, channels, height * width]).swap_dims(1, 2);
-        let to_map = |x: Tensor<3>| x.swap_dims(1, 2).reshape([batch, channels, height, width]);
+        let [_, channels, height, width] = x.dims();
+        let to_tokens = |x: Tensor<4>| {
+            let batch = x.dims()[0];
+            x.reshape([batch, channels, height * width]).swap_dims(1, 2)
+        };
+        let to_map = |x: Tensor<3>| {
+            let batch = x.dims()[0];
+            x.swap_dims(1, 2).reshape([batch, channels, height, width])
+        };
         let h = normalize(&self.norm, x.clone(), None, false);
         let mut tokens = match &self.proj_in {
             Projection::Conv(conv) => to_tokens(convolve(conv, h)),
@@ -122,6 +130,7 @@ impl Transformer2DModel {
         for block in &self.transformer_blocks {
             tokens = block.forward(tokens, context);
         }
+        let x = repeat_batch(x, tokens.dims()[0]);
         match &self.proj_out {
             Projection::Conv(conv) => convolve_fused(conv, to_map(tokens), false, Some(x)),
             Projection::Linear(linear) => to_map(linear.forward(tokens)) + x,
@@ -132,6 +141,7 @@ impl Transformer2DModel {
 impl BasicTransformerBlock {
     fn forward(&self, x: Tensor<3>, context: &Tensor<3>) -> Tensor<3> {
         let x = self.attn1.forward(self.norm1.forward(x.clone()), None) + x;
+        let x = repeat_batch(x, context.dims()[0]);
         let x = self
             .attn2
             .forward(self.norm2.forward(x.clone()), Some(context.clone()))

@@ -6,6 +6,7 @@ use burn::tensor::Tensor;
 
 use super::attention::Transformer2DModel;
 use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+use crate::models::layers::repeat_batch;
 
 #[derive(Module, Debug)]
 pub struct DownBlock {
@@ -74,7 +75,10 @@ impl UpBlock {
     ) -> Tensor<4> {
         for (i, resnet) in self.resnets.iter().enumerate() {
             let skip = skips.pop().expect("one skip connection per up resnet");
-            x = resnet.forward(Tensor::cat(vec![x, skip], 1), Some(temb));
+            // A skip from before the first cross-attention is still shared by the CFG branches.
+            let batch = x.dims()[0].max(skip.dims()[0]);
+            let x_and_skip = vec![repeat_batch(x, batch), repeat_batch(skip, batch)];
+            x = resnet.forward(Tensor::cat(x_and_skip, 1), Some(temb));
             if let Some(attention) = self.attentions.get(i) {
                 x = attention.forward(x, context);
             }

@@ -17,7 +17,7 @@ use self::attention::TransformerConfig;
 use self::blocks::{DownBlock, MidBlock, UpBlock};
 use self::embeddings::{TimestepEmbedding, timestep_embedding};
 use self::resnet::{Downsample2D, ResnetConfig, Upsample2D};
-use crate::models::layers::{check_groups, conv2d, convolve, group_norm, normalize};
+use crate::models::layers::{check_groups, conv2d, convolve, group_norm, normalize, repeat_batch};
 
 /// A per-block setting that configs give either once for all blocks or as a list.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -387,9 +387,13 @@ pub struct UNet2DConditionModel {
 impl UNet2DConditionModel {
     /// Predicts the noise (or v) in `x` at `timesteps`, conditioned on the text `context`.
     ///
+    /// A context batch that is a multiple of the latent batch shares each latent among that many
+    /// contexts, in order (`[uncond, cond]` for classifier-free guidance): the layers before the
+    /// first cross-attention then run once for them, and the result has the context's batch.
+    ///
     /// # Shapes
     /// x: [batch, in_channels, h, w], timesteps: batch values (or one for all),
-    /// context: [batch, tokens, cross_attention_dim] → [batch, out_channels, h, w]
+    /// context: [batch · copies, tokens, cross_attention_dim] → [batch · copies, out_channels, h, w]
     pub fn forward(&self, x: Tensor<4>, timesteps: &[f32], context: Tensor<3>) -> Tensor<4> {
         let [batch, channels, _, _] = x.dims();
         assert_eq!(
@@ -397,7 +401,11 @@ impl UNet2DConditionModel {
             "the UNet takes {} input channels",
             self.in_channels
         );
-        assert_eq!(context.dims()[0], batch, "one context per latent");
+        let contexts = context.dims()[0];
+        assert!(
+            batch > 0 && contexts.is_multiple_of(batch),
+            "{contexts} contexts cannot share {batch} latents"
+        );
         let timesteps: Vec<f32> = match timesteps.len() {
             1 => vec![timesteps[0]; batch],
             n if n == batch => timesteps.to_vec(),
@@ -421,9 +429,10 @@ impl UNet2DConditionModel {
         for block in &self.up_blocks {
             x = block.forward(x, &temb, &context, &mut skips);
         }
-        convolve(
+        let out = convolve(
             &self.conv_out,
             normalize(&self.conv_norm_out, x, None, true),
-        )
+        );
+        repeat_batch(out, contexts)
     }
 }

@@ -9,7 +9,9 @@ use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions, PadMode};
 use burn::tensor::{Device, Tensor};
 
-use crate::models::layers::{conv2d, convolve, convolve_fused, group_norm, linear, normalize};
+use crate::models::layers::{
+    conv2d, convolve, convolve_fused, group_norm, linear, normalize, repeat_batch,
+};
 
 /// `ResnetBlock2D`: two norm–SiLU–conv stages, the time embedding added in between when given, and
 /// a 1×1 convolution on the shortcut when the channel count changes.
@@ -49,11 +51,14 @@ impl ResnetConfig {
 
 impl ResnetBlock2D {
     /// # Shapes
-    /// x: [batch, in_channels, h, w], temb: [batch, temb_channels] → [batch, out_channels, h, w]
+    /// x: [batch, in_channels, h, w], temb: [batch or a divisor of it shared by the copies, temb_channels]
+    /// → [batch, out_channels, h, w]
     pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
         let h = convolve(&self.conv1, normalize(&self.norm1, x.clone(), None, true));
         let time = match (&self.time_emb_proj, temb) {
-            (Some(proj), Some(temb)) => Some(proj.forward(silu(temb.clone()))),
+            (Some(proj), Some(temb)) => {
+                Some(repeat_batch(proj.forward(silu(temb.clone())), x.dims()[0]))
+            }
             _ => None,
         };
         let shortcut = match &self.conv_shortcut {
