@@ -54,6 +54,15 @@ pub fn bench(args: BenchArgs) -> ExitCode {
     }
 }
 
+/// mimalloc's forced collection: freed memory it keeps for reuse goes back to the system now.
+fn release_freed_memory() {
+    #[allow(unsafe_code)]
+    // SAFETY: `mi_collect` takes no pointers and may be called at any time from any thread.
+    unsafe {
+        libmimalloc_sys::mi_collect(true)
+    };
+}
+
 fn run_bench(args: &BenchArgs) -> Result<()> {
     if let Some(files) = &args.compare {
         return compare(&files[0], &files[1]);
@@ -71,6 +80,7 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
         size: args.size,
         scratch: scratch.clone(),
         model: args.model.clone(),
+        release_freed_memory,
     };
     let (mut report, models) = run(&device.device, &config, |what| {
         eprintln!("[{:6.1} s] {what}", started.elapsed().as_secs_f32());

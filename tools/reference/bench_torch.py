@@ -117,7 +117,8 @@ def main():
 
     sides = [256] + ([512] if args.size >= 512 else [])
     for side in sides:
-        latents = torch.randn(2, 4, side // 8, side // 8)
+        # A guided step as StableDiffusionPipeline runs it: the latent twice, one per context.
+        latents = torch.randn(1, 4, side // 8, side // 8).repeat(2, 1, 1, 1)
         step = lambda: pipe.unet(latents, 500, encoder_hidden_states=context).sample
         results[f"unet_step_{side}_first"] = timed(step)[0]
         results[f"unet_step_{side}"] = timed(step)[0]
