@@ -248,10 +248,13 @@ vectorized! {
             for (r, row) in band.chunks_exact_mut(width).enumerate() {
                 // Input row of this band row: m·(tile row) − 1 + r, in the (upsampled) input.
                 let y = m * (top + tr) + r;
-                row.fill(0.0);
                 if y == 0 || y > in_h {
+                    row.fill(0.0);
                     continue;
                 }
+                // Only the padding is zeroed; the input overwrites the rest.
+                row[0] = 0.0;
+                row[1 + in_w..].fill(0.0);
                 let src = &plane[(y - 1) / s * g.width..][..g.width];
                 let dst = &mut row[1..1 + in_w];
                 if s == 1 {
