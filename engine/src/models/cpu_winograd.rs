@@ -221,6 +221,18 @@ fn transform_weights(tile: Tile, weight: &[f32], c_out: usize, c_in: usize) -> V
     u
 }
 
+/// `phases[p · len + t] = row[M · t + p]` for the `len = row.len() / M` whole tiles of `row`.
+#[inline(always)]
+fn deinterleave<const M: usize>(row: &[f32], phases: &mut [f32]) {
+    let len = row.len() / M;
+    let phases = &mut phases[..M * len];
+    for (t, values) in row.chunks_exact(M).enumerate() {
+        for (p, &x) in values.iter().enumerate() {
+            phases[p * len + t] = x;
+        }
+    }
+}
+
 vectorized! {
     /// Bᵀ d B for one channel's tiles in tile rows `top..top + rows` of one image, laid out
     /// [position][tile] with `stride` between positions, [`LANES`] tiles at a time. `plane` is the
@@ -240,16 +252,21 @@ vectorized! {
         let [_, out_w] = g.output_size();
         let tiles_w = out_w.div_ceil(m);
         let groups = tiles_w.div_ceil(LANES);
-        // `n` input rows, one zero column of padding on the left and enough on the right for
-        // the last group's unused lanes.
-        let width = m * LANES * groups + 2;
+        // Each of the `n` input rows with one zero column of padding on the left and enough on
+        // the right for the last group's unused lanes, split into its `m` phases: phase p holds
+        // columns p, m + p, 2m + p, … So column j of [`LANES`] neighbouring tiles is [`LANES`]
+        // consecutive values of phase j (or, past the tile's first `m` columns, of phase j − m one
+        // tile further on): vector loads instead of a gather.
+        let phase_len = LANES * groups + 1;
+        let width = m * phase_len;
+        let mut row = vec![0f32; width];
         let mut band = vec![0f32; n * width];
         for tr in 0..rows {
-            for (r, row) in band.chunks_exact_mut(width).enumerate() {
+            for (r, phases) in band.chunks_exact_mut(width).enumerate() {
                 // Input row of this band row: m·(tile row) − 1 + r, in the (upsampled) input.
                 let y = m * (top + tr) + r;
                 if y == 0 || y > in_h {
-                    row.fill(0.0);
+                    phases.fill(0.0);
                     continue;
                 }
                 // Only the padding is zeroed; the input overwrites the rest.
@@ -264,18 +281,21 @@ vectorized! {
                         pair.fill(x);
                     }
                 }
+                match tile {
+                    Tile::F2 => deinterleave::<2>(&row, phases),
+                    Tile::F4 => deinterleave::<4>(&row, phases),
+                }
             }
             for group in 0..groups {
                 let first = group * LANES;
                 let lanes = LANES.min(tiles_w - first);
                 // dt[j][r]: input (r, j) of each tile in the group.
                 let mut dt = [[Lanes::ZERO; 6]; 6];
-                for r in 0..n {
-                    let row = &band[r * width + m * first..];
+                for (r, phases) in band.chunks_exact(width).enumerate() {
                     for (j, column) in dt[..n].iter_mut().enumerate() {
-                        for (l, x) in column[r].0.iter_mut().enumerate() {
-                            *x = row[m * l + j];
-                        }
+                        let (phase, from) = if j < m { (j, first) } else { (j - m, first + 1) };
+                        let values = &phases[phase * phase_len + from..][..LANES];
+                        column[r] = Lanes(values.try_into().expect("LANES values"));
                     }
                 }
                 // Bᵀ d: column j of the tiles through Bᵀ.
