@@ -90,10 +90,33 @@ pub enum Dst {
     Accumulate,
 }
 
+/// What a product writes into: `f32`s, or memory not yet written, which it may only overwrite
+/// (gemm then stores into it without loading it first).
+///
+/// # Safety
+/// The type must have `f32`'s layout.
+#[allow(unsafe_code)]
+pub unsafe trait Destination {
+    const INITIALISED: bool;
+}
+
+// SAFETY: it is `f32`.
+#[allow(unsafe_code)]
+unsafe impl Destination for f32 {
+    const INITIALISED: bool = true;
+}
+
+// SAFETY: `MaybeUninit<f32>` has `f32`'s layout.
+#[allow(unsafe_code)]
+unsafe impl Destination for MaybeUninit<f32> {
+    const INITIALISED: bool = false;
+}
+
 /// `dst[r · dst_row_stride + c] (+)= scale · (lhs · rhs)[r, c]` for an `lhs.rows × rhs.cols` result;
-/// `parallel` lets gemm spread the product over the rayon pool.
-pub fn matmul(
-    dst: &mut [f32],
+/// `parallel` lets gemm spread the product over the rayon pool. A destination not yet written
+/// (`MaybeUninit`) takes only [`Dst::Overwrite`], and holds the result afterwards.
+pub fn matmul<D: Destination>(
+    dst: &mut [D],
     dst_row_stride: usize,
     mode: Dst,
     lhs: Matrix,
@@ -101,50 +124,10 @@ pub fn matmul(
     scale: f32,
     parallel: bool,
 ) {
-    product(
-        as_uninit(dst),
-        dst_row_stride,
-        mode,
-        lhs,
-        rhs,
-        scale,
-        parallel,
+    assert!(
+        D::INITIALISED || mode == Dst::Overwrite,
+        "only initialised memory can be accumulated into"
     );
-}
-
-/// `dst = scale · lhs · rhs` into a dense `lhs.rows × rhs.cols` block of memory not yet written,
-/// for a buffer that is about to be overwritten without being zeroed first: gemm writes every
-/// element and reads none, so `dst` is initialised afterwards.
-pub fn matmul_uninit(
-    dst: &mut [MaybeUninit<f32>],
-    lhs: Matrix,
-    rhs: Matrix,
-    scale: f32,
-    parallel: bool,
-) {
-    assert_eq!(dst.len(), lhs.rows * rhs.cols, "a dense destination");
-    product(dst, rhs.cols, Dst::Overwrite, lhs, rhs, scale, parallel);
-}
-
-/// `&mut [f32]` seen as possibly uninitialised memory, for [`matmul`], whose destination is
-/// initialised and may be read.
-fn as_uninit(dst: &mut [f32]) -> &mut [MaybeUninit<f32>] {
-    #[allow(unsafe_code)]
-    // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and `product` only ever stores `f32` values.
-    unsafe {
-        std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast(), dst.len())
-    }
-}
-
-fn product(
-    dst: &mut [MaybeUninit<f32>],
-    dst_row_stride: usize,
-    mode: Dst,
-    lhs: Matrix,
-    rhs: Matrix,
-    scale: f32,
-    parallel: bool,
-) {
     let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
     assert_eq!(rhs.rows, k, "inner dimensions differ");
     if m == 0 || n == 0 {
@@ -168,9 +151,9 @@ fn product(
     #[allow(unsafe_code)]
     // SAFETY: the asserts above keep every element gemm addresses inside the three slices, and
     // distinct destination elements apart (row stride ≥ row length); `dst` is borrowed mutably, so
-    // it overlaps neither operand. Without `read_dst` gemm sets its `alpha` to zero and stores
-    // into `dst` without loading it, so `dst` may be uninitialised then; with it, `matmul` is the
-    // only caller and passes initialised memory.
+    // it overlaps neither operand, and `D` has `f32`'s layout. Without `read_dst` gemm sets its
+    // `alpha` to zero and stores into `dst` without loading it, so `dst` may be uninitialised then;
+    // with it, the assert above has made sure it is initialised.
     unsafe {
         gemm::gemm(
             m,

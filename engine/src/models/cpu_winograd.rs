@@ -18,7 +18,7 @@ use std::ops::{Add, Mul, Sub};
 use rayon::prelude::*;
 
 use super::cpu_conv::{Geometry, Operands};
-use super::cpu_gemm::{Dst, Matrix, matmul, matmul_uninit, vectorized};
+use super::cpu_gemm::{Dst, Matrix, matmul, vectorized};
 
 /// Which minimal filtering algorithm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -204,8 +204,10 @@ fn transform_weights(tile: Tile, weight: &[f32], c_out: usize, c_in: usize) -> V
         .par_chunks_mut(positions * c_in)
         .zip(weight.par_chunks_exact(c_in * 9))
         .for_each(|(u, w)| {
-            matmul_uninit(
+            matmul(
                 u,
+                c_in,
+                Dst::Overwrite,
                 Matrix::new(&transform, positions, 9, 9),
                 Matrix::transpose_of(w, 9, c_in, 9),
                 1.0,
@@ -213,8 +215,8 @@ fn transform_weights(tile: Tile, weight: &[f32], c_out: usize, c_in: usize) -> V
             )
         });
     #[allow(unsafe_code)]
-    // SAFETY: the chunks cover all `len` elements (c_out chunks of each), and `matmul_uninit`
-    // writes the whole of its dense destination.
+    // SAFETY: the chunks cover all `len` elements (c_out of them, `positions × c_in` each), and
+    // each product overwrites all of its chunk: `positions` rows of `c_in`, `c_in` apart.
     unsafe {
         u.set_len(len)
     };
