@@ -387,9 +387,11 @@ pub struct UNet2DConditionModel {
 impl UNet2DConditionModel {
     /// Predicts the noise (or v) in `x` at `timesteps`, conditioned on the text `context`.
     ///
-    /// A context batch that is a multiple of the latent batch shares each latent among that many
-    /// contexts, in order (`[uncond, cond]` for classifier-free guidance): the layers before the
-    /// first cross-attention then run once for them, and the result has the context's batch.
+    /// A context batch that is a multiple of the latent batch shares the latents among that many
+    /// copies of the batch, context `k · batch + i` going with latent `i` (as diffusers'
+    /// `torch.cat([latents] * 2)` pairs them with `[uncond, cond]` for classifier-free guidance):
+    /// the layers before the first cross-attention then run once, and the result has the
+    /// context's batch.
     ///
     /// # Shapes
     /// x: [batch, in_channels, h, w], timesteps: batch values (or one for all),
