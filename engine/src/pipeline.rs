@@ -378,7 +378,7 @@ impl Denoiser for ModelDenoiser<'_, '_> {
             input = Tensor::cat(vec![input, mask.clone(), masked.clone()], 1);
         }
         let timestep = self.sigmas.timesteps[step];
-        // With guidance the context is [uncond, cond] and the UNet shares the one latent between them.
+        // With guidance the context is [uncond, cond], and the UNet shares the latent between them.
         let out = self
             .pipeline
             .models

@@ -395,7 +395,8 @@ impl UNet2DConditionModel {
     ///
     /// # Shapes
     /// x: [batch, in_channels, h, w], timesteps: batch values (or one for all),
-    /// context: [batch · copies, tokens, cross_attention_dim] → [batch · copies, out_channels, h, w]
+    /// context: [batch · copies, tokens, cross_attention_dim]
+    /// → [batch · copies, out_channels, h, w]
     pub fn forward(&self, x: Tensor<4>, timesteps: &[f32], context: Tensor<3>) -> Tensor<4> {
         let [batch, channels, _, _] = x.dims();
         assert_eq!(

@@ -51,8 +51,8 @@ impl ResnetConfig {
 
 impl ResnetBlock2D {
     /// # Shapes
-    /// x: [batch, in_channels, h, w], temb: [batch or a divisor of it shared by the copies, temb_channels]
-    /// → [batch, out_channels, h, w]
+    /// x: [batch, in_channels, h, w], temb: [batch or a divisor of it, temb_channels] (repeated
+    /// for the copies of a shared latent) → [batch, out_channels, h, w]
     pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
         let h = convolve(&self.conv1, normalize(&self.norm1, x.clone(), None, true));
         let time = match (&self.time_emb_proj, temb) {
