@@ -4,13 +4,14 @@
 
 /// Defines `fn name(args) { body }` so that the body is compiled twice, once for AVX2 and FMA, which
 /// runs when the CPU has them, and once for baseline x86-64, whose 4-wide vectors halve the speed of
-/// exp-heavy loops.
+/// exp-heavy loops. The body sees a `const FMA: bool`, true in the first build, to hand to
+/// [`mul_add`] and the functions built on it.
 macro_rules! vectorized {
     ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$meta])*
         fn $name($($arg: $ty),*) {
             #[inline(always)]
-            fn body($($arg: $ty),*) $body
+            fn body<const FMA: bool>($($arg: $ty),*) $body
 
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2")
@@ -18,7 +19,7 @@ macro_rules! vectorized {
             {
                 #[target_feature(enable = "avx2,fma")]
                 fn avx2_fma($($arg: $ty),*) {
-                    body($($arg),*)
+                    body::<true>($($arg),*)
                 }
                 #[allow(unsafe_code)]
                 // SAFETY: the CPU has just been checked for the features `avx2_fma` is compiled for.
@@ -27,11 +28,19 @@ macro_rules! vectorized {
                 };
                 return;
             }
-            body($($arg),*)
+            body::<false>($($arg),*)
         }
     };
 }
 pub(crate) use vectorized;
+
+/// `a · b + c`, as one fused instruction in [`vectorized`]'s AVX2 and FMA build (`FMA`), and as a
+/// product and a sum in its baseline build, where a fused multiply-add would be a library call that
+/// stops the loop being vectorised.
+#[inline(always)]
+pub(crate) fn mul_add<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
 
 use std::mem::MaybeUninit;
 

@@ -8,7 +8,7 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::cpu_conv::flex;
-use super::cpu_gemm::vectorized;
+use super::cpu_gemm::{mul_add, vectorized};
 
 /// Sums of up to this many f32 values are taken in f32 lanes, then added up in f64.
 const BLOCK: usize = 4096;
@@ -32,8 +32,8 @@ fn sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
 
 /// x·σ(x) with σ through e^−|x|, which cannot overflow.
 #[inline(always)]
-fn silu(x: f32) -> f32 {
-    let e = super::cpu_attention::exp(-x.abs());
+fn silu<const FMA: bool>(x: f32) -> f32 {
+    let e = super::cpu_attention::exp::<FMA>(-x.abs());
     let sigmoid = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
     x * sigmoid
 }
@@ -110,11 +110,11 @@ vectorized! {
             let offset = (beta[first + c] as f64 + (shift_of(c) as f64 - mean) * scale as f64) as f32;
             if n.silu {
                 for (o, &v) in out.iter_mut().zip(p) {
-                    *o = silu(v * scale + offset);
+                    *o = silu::<FMA>(mul_add::<FMA>(v, scale, offset));
                 }
             } else {
                 for (o, &v) in out.iter_mut().zip(p) {
-                    *o = v * scale + offset;
+                    *o = mul_add::<FMA>(v, scale, offset);
                 }
             }
         }
@@ -216,16 +216,18 @@ mod tests {
 
     #[test]
     fn silu_is_accurate_and_finite_everywhere() {
-        for i in -20_000..20_000 {
-            let x = i as f32 * 0.01;
-            let want = x as f64 / (1.0 + (-x as f64).exp());
-            let got = silu(x) as f64;
-            assert!(
-                (got - want).abs() <= 1e-6 * want.abs().max(1.0),
-                "silu({x}) = {got}, not {want}"
-            );
+        for silu in [silu::<false>, silu::<true>] {
+            for i in -20_000..20_000 {
+                let x = i as f32 * 0.01;
+                let want = x as f64 / (1.0 + (-x as f64).exp());
+                let got = silu(x) as f64;
+                assert!(
+                    (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+                    "silu({x}) = {got}, not {want}"
+                );
+            }
+            assert_eq!(silu(1e30), 1e30);
+            assert!(silu(-1e30).abs() < 1e-6);
         }
-        assert_eq!(silu(1e30), 1e30);
-        assert!(silu(-1e30).abs() < 1e-6);
     }
 }
