@@ -81,6 +81,7 @@ fn run_bench(args: &BenchArgs) -> Result<()> {
         scratch: scratch.clone(),
         model: args.model.clone(),
         release_freed_memory,
+        precision: device.precision,
     };
     let (mut report, models) = run(&device.device, &config, |what| {
         eprintln!("[{:6.1} s] {what}", started.elapsed().as_secs_f32());

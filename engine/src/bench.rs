@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Distribution, FloatDType, Tensor};
 use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, StableDiffusion};
@@ -178,6 +178,8 @@ pub struct BenchConfig {
     /// peak-memory measurement, so that what earlier measurements freed (writing the random
     /// checkpoint frees 4.3 GB) is not counted as the load's or the generation's.
     pub release_freed_memory: fn(),
+    /// The format the models are loaded in ([`crate::device::ComputeDevice::precision`]).
+    pub precision: FloatDType,
 }
 
 /// Runs every measurement on `device`, reporting progress in words.
@@ -203,11 +205,20 @@ pub fn run(
     progress("loading it");
     (config.release_freed_memory)();
     reset_peak_rss();
-    let (seconds, models) = time(device, || Checkpoint::open(&folder)?.load_all(device));
+    let (seconds, models) = time(device, || {
+        Checkpoint::open(&folder)?
+            .with_precision(config.precision)
+            .load_all(device)
+    });
     let models = models?;
     let weights =
         models.text_encoder.num_params() + models.unet.num_params() + models.vae.num_params();
-    report.record("weights_bytes", weights as f64 * 4.0);
+    let bytes_per_weight = if config.precision == FloatDType::F16 {
+        2.0
+    } else {
+        4.0
+    };
+    report.record("weights_bytes", weights as f64 * bytes_per_weight);
     report.record("load_seconds", seconds);
     report.record("load_peak_rss_bytes", peak_rss().unwrap_or(0) as f64);
     let pipeline = Pipeline {

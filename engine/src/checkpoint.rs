@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::store::ModuleSnapshot;
-use burn::tensor::Device;
+use burn::tensor::{Device, FloatDType};
 use serde::de::DeserializeOwned;
 
 use crate::error::{EngineError, Result};
@@ -30,6 +30,8 @@ pub struct Checkpoint {
     path: PathBuf,
     family: ModelFamily,
     source: Source,
+    /// The format the models are loaded in (f32 unless [`Checkpoint::with_precision`] says).
+    precision: FloatDType,
 }
 
 #[derive(Debug)]
@@ -114,6 +116,7 @@ impl Checkpoint {
             path: path.to_path_buf(),
             family,
             source: Source::Folder,
+            precision: FloatDType::F32,
         })
     }
 
@@ -149,7 +152,16 @@ impl Checkpoint {
             path: path.to_path_buf(),
             family,
             source: Source::SingleFile { file, names },
+            precision: FloatDType::F32,
         })
+    }
+
+    /// Loads the models in `precision` instead: f16 halves their memory on a GPU that computes in
+    /// it ([`crate::device::ComputeDevice::precision`]). The models take and return f32 tensors
+    /// either way.
+    pub fn with_precision(mut self, precision: FloatDType) -> Self {
+        self.precision = precision;
+        self
     }
 
     pub fn family(&self) -> ModelFamily {
@@ -277,7 +289,12 @@ impl Checkpoint {
     }
 
     fn load<M: ModuleSnapshot>(&self, mut module: M, component: Component) -> Result<M> {
-        load_into(&mut module, self.weights(component)?, &self.path)?;
+        load_into(
+            &mut module,
+            self.weights(component)?,
+            &self.path,
+            self.precision,
+        )?;
         Ok(module)
     }
 
@@ -351,7 +368,12 @@ pub fn load_vae(path: &Path, device: &Device) -> Result<AutoencoderKl> {
         .map_err(|e| EngineError::config(path, e))?;
     let file = component_file(path.parent().unwrap_or(path), &file_name(path))?;
     let mut model = config.init(device);
-    load_into(&mut model, folder_weights(&file, Component::Vae), path)?;
+    load_into(
+        &mut model,
+        folder_weights(&file, Component::Vae),
+        path,
+        FloatDType::F32,
+    )?;
     Ok(model)
 }
 
@@ -375,7 +397,7 @@ pub fn load_taesd(path: &Path, device: &Device) -> Result<Taesd> {
         .filter_map(|key| WeightSlice::whole(&file, key, key.clone()))
         .collect();
     let mut model = config.init(device);
-    load_into(&mut model, weights, path)?;
+    load_into(&mut model, weights, path, FloatDType::F32)?;
     Ok(model)
 }
 

@@ -6,13 +6,16 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::OnceLock;
 
-use burn::tensor::Device;
 use burn::tensor::wgpu::wgpu;
+use burn::tensor::{Device, FloatDType};
 
 use crate::error::{EngineError, Result};
 
 /// The environment variable that overrides [`Backend::Auto`]: `cpu` or `wgpu`.
 pub const BACKEND_ENV: &str = "STUDIO_BACKEND";
+
+/// The environment variable that keeps a GPU's models in full precision: `f32`.
+pub const PRECISION_ENV: &str = "STUDIO_PRECISION";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -55,6 +58,10 @@ pub struct ComputeDevice {
     pub device: Device,
     pub backend: Backend,
     pub description: String,
+    /// The format the models' weights and activations are kept in: half precision on a GPU that
+    /// has it (half the memory, and the GPU's faster arithmetic), f32 on the CPU, whose kernels
+    /// are f32 ones.
+    pub precision: FloatDType,
 }
 
 /// Picks the device for `choice`; `STUDIO_BACKEND` overrides `Auto`.
@@ -65,14 +72,38 @@ pub fn select(choice: Backend) -> Result<ComputeDevice> {
     };
     match choice {
         Backend::Cpu => Ok(cpu()),
-        Backend::Wgpu => wgpu_device(),
+        Backend::Wgpu => wgpu_device("GPU (wgpu)".into()),
         Backend::Auto => match hardware_gpu() {
-            Some(name) => wgpu_device().map(|mut d| {
-                d.description = format!("GPU: {name}");
-                d
-            }),
+            Some(name) => wgpu_device(format!("GPU: {name}")),
             None => Ok(cpu()),
         },
+    }
+}
+
+/// Half precision where the device computes in it, unless `STUDIO_PRECISION` asks for f32.
+fn gpu_precision(device: &Device) -> Result<FloatDType> {
+    let wanted = match std::env::var(PRECISION_ENV) {
+        Err(_) => None,
+        Ok(value) => match value.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => None,
+            "f32" | "full" => Some(FloatDType::F32),
+            "f16" | "half" => Some(FloatDType::F16),
+            other => {
+                return Err(EngineError::InvalidRequest(format!(
+                    "unknown {PRECISION_ENV} '{other}': use auto, f16 or f32"
+                )));
+            }
+        },
+    };
+    let supported = device.supports_dtype(FloatDType::F16);
+    match wanted {
+        Some(FloatDType::F16) if !supported => Err(EngineError::Backend(
+            "this GPU cannot compute in half precision: unset STUDIO_PRECISION or set it to f32"
+                .into(),
+        )),
+        Some(precision) => Ok(precision),
+        None if supported => Ok(FloatDType::F16),
+        None => Ok(FloatDType::F32),
     }
 }
 
@@ -82,11 +113,12 @@ fn cpu() -> ComputeDevice {
         device: Device::flex(),
         backend: Backend::Cpu,
         description: format!("CPU ({threads} threads)"),
+        precision: FloatDType::F32,
     }
 }
 
 /// Burn's wgpu runtime can be initialised once per process; every later request reuses it.
-fn wgpu_device() -> Result<ComputeDevice> {
+fn wgpu_device(name: String) -> Result<ComputeDevice> {
     static RUNTIME: OnceLock<Result<Device, String>> = OnceLock::new();
     let device = RUNTIME
         .get_or_init(|| {
@@ -96,10 +128,17 @@ fn wgpu_device() -> Result<ComputeDevice> {
         })
         .clone()
         .map_err(EngineError::Backend)?;
+    let precision = gpu_precision(&device)?;
+    let format = if precision == FloatDType::F16 {
+        "f16"
+    } else {
+        "f32"
+    };
     Ok(ComputeDevice {
         device,
         backend: Backend::Wgpu,
-        description: "GPU (wgpu)".into(),
+        description: format!("{name}, {format}"),
+        precision,
     })
 }
 

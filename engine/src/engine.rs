@@ -260,7 +260,9 @@ impl Worker {
         let started = Instant::now();
         let loaded = catch_unwind(AssertUnwindSafe(|| -> crate::Result<_> {
             let device = select(backend)?;
-            let models = Checkpoint::open(&path)?.load_all(&device.device)?;
+            let models = Checkpoint::open(&path)?
+                .with_precision(device.precision)
+                .load_all(&device.device)?;
             let taesd = taesd.map(|p| load_taesd(&p, &device.device)).transpose()?;
             Ok((models, taesd, device.description))
         }));

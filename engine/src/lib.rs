@@ -21,7 +21,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use burn::module::Module;
-pub use burn::tensor::{Device, Distribution, Int, Tensor};
+pub use burn::tensor::{DType, Device, Distribution, FloatDType, Int, Tensor};
 pub use checkpoint::{Checkpoint, StableDiffusion, load_taesd, load_vae};
 pub use engine::{Command, Engine, Event, JobId, Preview, Progress};
 pub use error::{EngineError, Result};

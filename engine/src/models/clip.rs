@@ -5,10 +5,10 @@
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, Linear};
 use burn::tensor::activation::{gelu, sigmoid};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{DType, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::layers::{layer_norm, linear, multi_head_attention};
+use super::layers::{cast, layer_norm, linear, multi_head_attention};
 
 /// The MLP activation: SD1's CLIP uses quick GELU, OpenCLIP exact GELU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -135,7 +135,7 @@ impl ClipTextModel {
         for layer in &layers[..layers.len() - skip_last] {
             x = layer.forward(x);
         }
-        self.final_layer_norm.forward(x)
+        cast(self.final_layer_norm.forward(x), DType::F32)
     }
 }
 

@@ -9,7 +9,7 @@ use burn::nn::{
 };
 use burn::tensor::module::{attention, interpolate};
 use burn::tensor::ops::{AttentionModuleOptions, InterpolateMode, InterpolateOptions};
-use burn::tensor::{Device, Tensor, activation};
+use burn::tensor::{DType, Device, Tensor, activation};
 
 use super::{cpu_conv, cpu_norm};
 
@@ -56,11 +56,28 @@ pub fn convolve_fused(
     } else {
         x
     };
-    let y = conv.forward(x);
+    let y = convolve_summing_in_f32(conv, x);
     match residual {
         Some(residual) => residual + y,
         None => y,
     }
+}
+
+/// `conv.forward(x)`, summed in f32 when `x` is in half precision. The GPU's direct convolution
+/// sums in the tensors' own format, and f16 sums of hundreds of products put 1% errors into a
+/// UNet's output (the test model: 1.1% of its largest value, against 0.2% for diffusers in f16,
+/// whose matrix products and convolutions sum in f32, as Burn's matrix products do). So a
+/// half-precision convolution widens its input and weights to f32 and narrows the result: the
+/// weights stay f16 in memory.
+fn convolve_summing_in_f32(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let dtype = x.dtype();
+    if !matches!(dtype, DType::F16 | DType::BF16) {
+        return conv.forward(x);
+    }
+    let mut wide = conv.clone();
+    wide.weight = wide.weight.map(|w| w.cast(DType::F32));
+    wide.bias = wide.bias.map(|b| b.map(|b| b.cast(DType::F32)));
+    cast(wide.forward(cast(x, DType::F32)), dtype)
 }
 
 /// `silu?(norm(x + shift))` with `shift` one value per (batch, channel), in one CPU kernel where it
@@ -257,4 +274,10 @@ impl Attention {
             .reshape([batch, channels, height, width]);
         out + x
     }
+}
+
+/// `x` in `dtype`. A half-precision model casts its inputs to its weights' format on the way in
+/// and its outputs to f32 on the way out, so everything around the models stays f32.
+pub fn cast<const D: usize>(x: Tensor<D>, dtype: DType) -> Tensor<D> {
+    if x.dtype() == dtype { x } else { x.cast(dtype) }
 }

@@ -4,11 +4,11 @@
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::layers::{
-    Attention, AttentionConfig, check_groups, conv2d, convolve, group_norm, normalize,
+    Attention, AttentionConfig, cast, check_groups, conv2d, convolve, group_norm, normalize,
 };
 use super::unet::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::noise::TorchRng;
@@ -246,6 +246,7 @@ impl AutoencoderKl {
     /// image: [batch, 3, h, w] in [-1, 1] → latents [batch, latent, h/f, w/f] (unscaled)
     pub fn encode(&self, image: Tensor<4>) -> LatentDistribution {
         let e = &self.encoder;
+        let image = cast(image, e.conv_in.weight.val().dtype());
         let mut x = convolve(&e.conv_in, image);
         for block in &e.down_blocks {
             for resnet in &block.resnets {
@@ -257,7 +258,7 @@ impl AutoencoderKl {
         }
         let x = e.mid_block.forward(x);
         let x = convolve(&e.conv_out, normalize(&e.conv_norm_out, x, None, true));
-        let moments = convolve(&self.quant_conv, x);
+        let moments = cast(convolve(&self.quant_conv, x), DType::F32);
         let [mean, logvar] = moments.chunk(2, 1).try_into().expect("two halves");
         let std = logvar.clamp(-30.0, 20.0).mul_scalar(0.5).exp();
         LatentDistribution { mean, std }
@@ -267,6 +268,7 @@ impl AutoencoderKl {
     /// latents: [batch, latent, h, w] (unscaled) → image [batch, 3, h·f, w·f], roughly in [-1, 1]
     pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
         let d = &self.decoder;
+        let latents = cast(latents, self.post_quant_conv.weight.val().dtype());
         let x = convolve(&d.conv_in, convolve(&self.post_quant_conv, latents));
         let mut x = d.mid_block.forward(x);
         for block in &d.up_blocks {
@@ -277,6 +279,7 @@ impl AutoencoderKl {
                 x = upsampler.forward(x, None);
             }
         }
-        convolve(&d.conv_out, normalize(&d.conv_norm_out, x, None, true))
+        let image = convolve(&d.conv_out, normalize(&d.conv_norm_out, x, None, true));
+        cast(image, DType::F32)
     }
 }

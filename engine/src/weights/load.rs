@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use burn::store::burn_pack::{self, Tensor as PackTensor};
 use burn::store::{ApplyError, ModuleAdapter, ModuleContext, ModuleSnapshot, PyTorchToBurnAdapter};
-use burn::tensor::{AllocationProperty, Bytes, DType};
+use burn::tensor::{AllocationProperty, Bytes, DType, FloatDType};
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use rayon::prelude::*;
 
@@ -135,38 +135,20 @@ fn widen(dtype: StoredDtype, bytes: &[u8]) -> Vec<f32> {
 
 /// PyTorch's layout to Burn's: linear weights transposed from `[out, in]` to `[in, out]` tile by
 /// tile (burn-store's own transpose moves one element at a time, which dominated loading), and the
-/// rest (norm parameter names) left to burn-store's `PyTorchToBurnAdapter`.
-#[derive(Debug, Clone, Copy, Default)]
-struct TorchLayout;
+/// rest (norm parameter names) left to burn-store's `PyTorchToBurnAdapter`; then, for a
+/// half-precision model, every weight rounded to f16 one tensor at a time.
+#[derive(Debug, Clone, Copy)]
+struct TorchLayout {
+    precision: FloatDType,
+}
 
 impl ModuleAdapter for TorchLayout {
     fn adapt(&self, tensor: PackTensor, ctx: ModuleContext<'_>) -> PackTensor {
-        let linear_weight = ctx.module_type() == Some("Struct:Linear")
-            && tensor.name.rsplit('.').next() == Some("weight")
-            && tensor.shape.len() == 2
-            && tensor.dtype == DType::F32;
-        if !linear_weight {
-            return PyTorchToBurnAdapter.adapt(tensor, ctx);
+        let adapted = burn_layout(tensor, ctx);
+        match self.precision {
+            FloatDType::F16 if adapted.dtype == DType::F32 => narrow_to_f16(adapted),
+            _ => adapted,
         }
-        let (rows, cols) = (tensor.shape[0], tensor.shape[1]);
-        let (name, param_id, byte_len) = (tensor.name.clone(), tensor.param_id, tensor.byte_len());
-        PackTensor::deferred(
-            name,
-            DType::F32,
-            vec![cols, rows],
-            param_id,
-            byte_len,
-            move || {
-                let bytes = tensor.to_bytes()?;
-                let floats: &[f32] = bytemuck::try_cast_slice(&bytes).map_err(|e| {
-                    burn_pack::Error::ValidationError(format!(
-                        "'{}' is not an f32 buffer: {e}",
-                        tensor.name
-                    ))
-                })?;
-                Ok(Bytes::from_elems(transpose(floats, rows, cols)))
-            },
-        )
     }
 
     fn get_alternative_param_name(&self, param_name: &str, module_type: &str) -> Option<String> {
@@ -176,6 +158,54 @@ impl ModuleAdapter for TorchLayout {
     fn clone_box(&self) -> Box<dyn ModuleAdapter> {
         Box::new(*self)
     }
+}
+
+/// An f32 weight as f16 (round to nearest), produced when the module takes it.
+fn narrow_to_f16(tensor: PackTensor) -> PackTensor {
+    let elements = tensor.shape.iter().product::<usize>();
+    let (name, shape, param_id) = (tensor.name.clone(), tensor.shape.clone(), tensor.param_id);
+    PackTensor::deferred(name, DType::F16, shape, param_id, elements * 2, move || {
+        let bytes = tensor.to_bytes()?;
+        let floats = f32s(&bytes, &tensor.name)?;
+        let mut halves = vec![half::f16::ZERO; floats.len()];
+        halves.convert_from_f32_slice(floats);
+        Ok(Bytes::from_elems(halves))
+    })
+}
+
+/// [`TorchLayout`]'s rearranging, for weights in f32.
+fn burn_layout(tensor: PackTensor, ctx: ModuleContext<'_>) -> PackTensor {
+    let linear_weight = ctx.module_type() == Some("Struct:Linear")
+        && tensor.name.rsplit('.').next() == Some("weight")
+        && tensor.shape.len() == 2
+        && tensor.dtype == DType::F32;
+    if !linear_weight {
+        return PyTorchToBurnAdapter.adapt(tensor, ctx);
+    }
+    let (rows, cols) = (tensor.shape[0], tensor.shape[1]);
+    let (name, param_id, byte_len) = (tensor.name.clone(), tensor.param_id, tensor.byte_len());
+    PackTensor::deferred(
+        name,
+        DType::F32,
+        vec![cols, rows],
+        param_id,
+        byte_len,
+        move || {
+            let bytes = tensor.to_bytes()?;
+            Ok(Bytes::from_elems(transpose(
+                f32s(&bytes, &tensor.name)?,
+                rows,
+                cols,
+            )))
+        },
+    )
+}
+
+/// A weight's bytes as the f32s they hold.
+fn f32s<'a>(bytes: &'a Bytes, name: &str) -> Result<&'a [f32], burn_pack::Error> {
+    bytemuck::try_cast_slice(bytes).map_err(|e| {
+        burn_pack::Error::ValidationError(format!("'{name}' is not an f32 buffer: {e}"))
+    })
 }
 
 /// The `cols × rows` transpose of a row-major `rows × cols` matrix: bands of 16 output rows on
@@ -203,11 +233,13 @@ fn transpose(matrix: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// Loads every weight into `module`; `origin` names the file or folder in errors.
+/// Loads every weight into `module`, in `precision` (f32 or f16); `origin` names the file or folder
+/// in errors.
 pub fn load_into<M: ModuleSnapshot>(
     module: &mut M,
     weights: Vec<WeightSlice>,
     origin: &Path,
+    precision: FloatDType,
 ) -> Result<()> {
     let mismatch = |details: String| EngineError::WeightMismatch {
         path: origin.to_path_buf(),
@@ -220,7 +252,8 @@ pub fn load_into<M: ModuleSnapshot>(
         .map_err(mismatch)?;
     // Enum modules (a conv-or-linear projection, TAESD's sequential layers) do not add a
     // variant segment: checkpoints name the layer directly.
-    let result = module.apply(tensors, None, Some(Box::new(TorchLayout)), true);
+    let adapter = TorchLayout { precision };
+    let result = module.apply(tensors, None, Some(Box::new(adapter)), true);
     let mut problems = Vec::new();
     for error in &result.errors {
         problems.push(match error {

@@ -1,13 +1,13 @@
-//! burn-wgpu computes what the CPU backend computes, on one resnet block and one transformer block
-//! (tiny shapes: on machines without a GPU wgpu runs on software Vulkan, which compiles every new
-//! kernel shape slowly). Needs a Vulkan driver: `scripts/install-deps.sh` installs Mesa's.
+//! burn-wgpu computes what the CPU backend computes, on one resnet block and one transformer block,
+//! and the tiny SD1 fixture in half precision matches diffusers (tiny shapes: on machines without a
+//! GPU wgpu runs on software Vulkan, which compiles every new kernel shape slowly). Needs a Vulkan
+//! driver: `scripts/install-deps.sh` installs Mesa's.
 
-use studio_engine::Tensor;
 use studio_engine::device::{Backend, select};
 use studio_engine::models::unet::attention::TransformerConfig;
 use studio_engine::models::unet::resnet::ResnetConfig;
-use studio_engine::{Device, Module};
-use studio_tests::max_error;
+use studio_engine::{Checkpoint, DType, Device, FloatDType, Int, Module, Tensor};
+use studio_tests::{Reference, assert_close, max_error, model};
 
 fn wgpu() -> Device {
     select(Backend::Wgpu)
@@ -66,6 +66,59 @@ fn transformer_block_on_wgpu_matches_cpu() {
     let block = block.to_device(&gpu);
     let actual = values(block.forward(x.to_device(&gpu), &context.to_device(&gpu)));
     assert_same("transformer block", actual, expected);
+}
+
+/// diffusers itself in f16 lands within 0.2% (UNet) and 0.3% (VAE) of its f32 outputs on this model
+/// (`tools/reference/half_precision_error.py`); half a percent leaves room for a different order of
+/// summation, not for sums taken in f16 (1.1% on the UNet).
+const HALF_TOLERANCE: f32 = 5e-3;
+
+#[test]
+fn half_precision_models_on_wgpu_match_diffusers() {
+    let gpu = wgpu();
+    assert!(
+        gpu.supports_dtype(FloatDType::F16),
+        "the Vulkan driver cannot compute in f16"
+    );
+    let models = Checkpoint::open(&model("sd1"))
+        .unwrap()
+        .with_precision(FloatDType::F16)
+        .load_all(&gpu)
+        .unwrap();
+    for (what, dtype) in [
+        ("UNet", models.unet.conv_in.weight.val().dtype()),
+        ("VAE", models.vae.decoder.conv_in.weight.val().dtype()),
+        (
+            "text encoder",
+            models.text_encoder.final_layer_norm.gamma.val().dtype(),
+        ),
+    ] {
+        assert_eq!(dtype, DType::F16, "{what} weights");
+    }
+    let reference = Reference::load("sd1");
+
+    let ids: Vec<i64> = reference
+        .get("ids0")
+        .values
+        .iter()
+        .map(|&v| v as i64)
+        .collect();
+    let ids = Tensor::<1, Int>::from_ints(ids.as_slice(), &gpu).reshape([1, 77]);
+    let embedding = models.text_encoder.forward(ids, models.clip_skip);
+    let expected = reference.get("embedding0");
+    assert_close("f16 text encoder", embedding, expected, HALF_TOLERANCE);
+
+    let latents = reference.get("latents").tensor::<4>(&gpu);
+    let context = reference.get("context").tensor::<3>(&gpu);
+    let noise = models.unet.forward(latents, &[500.5, 500.5], context);
+    let expected = reference.get("unet_t500_5");
+    assert_close("f16 UNet", noise, expected, HALF_TOLERANCE);
+
+    let image = models
+        .vae
+        .decode(reference.get("vae_latent").tensor::<4>(&gpu));
+    let expected = reference.get("vae_decoded");
+    assert_close("f16 VAE decode", image, expected, HALF_TOLERANCE);
 }
 
 fn burn_distribution() -> studio_engine::Distribution {

@@ -10,14 +10,16 @@ pub mod resnet;
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use self::attention::TransformerConfig;
 use self::blocks::{DownBlock, MidBlock, UpBlock};
 use self::embeddings::{TimestepEmbedding, timestep_embedding};
 use self::resnet::{Downsample2D, ResnetConfig, Upsample2D};
-use crate::models::layers::{check_groups, conv2d, convolve, group_norm, normalize, repeat_batch};
+use crate::models::layers::{
+    cast, check_groups, conv2d, convolve, group_norm, normalize, repeat_batch,
+};
 
 /// A per-block setting that configs give either once for all blocks or as a list.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -414,13 +416,19 @@ impl UNet2DConditionModel {
             n if n == batch => timesteps.to_vec(),
             n => panic!("{n} timesteps for a batch of {batch}"),
         };
+        // The sinusoids are computed in f32 whatever the weights' format, as diffusers does.
+        let dtype = self.conv_in.weight.val().dtype();
+        let (x, context) = (cast(x, dtype), cast(context, dtype));
         let dim = self.time_embedding.linear_1.weight.dims()[0];
-        let temb = self.time_embedding.forward(timestep_embedding(
-            &timesteps,
-            dim,
-            self.flip_sin_to_cos,
-            self.freq_shift,
-            &x.device(),
+        let temb = self.time_embedding.forward(cast(
+            timestep_embedding(
+                &timesteps,
+                dim,
+                self.flip_sin_to_cos,
+                self.freq_shift,
+                &x.device(),
+            ),
+            dtype,
         ));
 
         let mut x = convolve(&self.conv_in, x);
@@ -436,6 +444,6 @@ impl UNet2DConditionModel {
             &self.conv_out,
             normalize(&self.conv_norm_out, x, None, true),
         );
-        repeat_batch(out, contexts)
+        cast(repeat_batch(out, contexts), DType::F32)
     }
 }
