@@ -83,17 +83,8 @@ pub fn select(choice: Backend) -> Result<ComputeDevice> {
 /// Half precision where the device computes in it, unless `STUDIO_PRECISION` asks for f32.
 fn gpu_precision(device: &Device) -> Result<FloatDType> {
     let wanted = match std::env::var(PRECISION_ENV) {
+        Ok(value) => requested_precision(&value)?,
         Err(_) => None,
-        Ok(value) => match value.trim().to_ascii_lowercase().as_str() {
-            "" | "auto" => None,
-            "f32" | "full" => Some(FloatDType::F32),
-            "f16" | "half" => Some(FloatDType::F16),
-            other => {
-                return Err(EngineError::InvalidRequest(format!(
-                    "unknown {PRECISION_ENV} '{other}': use auto, f16 or f32"
-                )));
-            }
-        },
     };
     let supported = device.supports_dtype(FloatDType::F16);
     match wanted {
@@ -104,6 +95,18 @@ fn gpu_precision(device: &Device) -> Result<FloatDType> {
         Some(precision) => Ok(precision),
         None if supported => Ok(FloatDType::F16),
         None => Ok(FloatDType::F32),
+    }
+}
+
+/// A `STUDIO_PRECISION` value: a format, or `None` for the device's choice.
+fn requested_precision(value: &str) -> Result<Option<FloatDType>> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "" | "auto" => Ok(None),
+        "f32" | "full" => Ok(Some(FloatDType::F32)),
+        "f16" | "half" => Ok(Some(FloatDType::F16)),
+        other => Err(EngineError::InvalidRequest(format!(
+            "unknown {PRECISION_ENV} '{other}': use auto, f16 or f32"
+        ))),
     }
 }
 
@@ -157,4 +160,21 @@ fn hardware_gpu() -> Option<String> {
         )
         .then_some(info.name)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precision_requests_parse_and_unknown_ones_say_what_to_use() {
+        assert_eq!(requested_precision(" F32 ").unwrap(), Some(FloatDType::F32));
+        assert_eq!(requested_precision("half").unwrap(), Some(FloatDType::F16));
+        assert_eq!(requested_precision("auto").unwrap(), None);
+        let error = requested_precision("bf8").unwrap_err().to_string();
+        assert!(
+            error.contains("'bf8'") && error.contains("auto, f16 or f32"),
+            "{error}"
+        );
+    }
 }
