@@ -8,7 +8,7 @@ use burn::tensor::activation::{gelu, sigmoid};
 use burn::tensor::{DType, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::layers::{cast, layer_norm, linear, multi_head_attention};
+use super::layers::{cast, layer_norm, layer_normalize, linear, multi_head_attention};
 
 /// The MLP activation: SD1's CLIP uses quick GELU, OpenCLIP exact GELU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -135,14 +135,14 @@ impl ClipTextModel {
         for layer in &layers[..layers.len() - skip_last] {
             x = layer.forward(x);
         }
-        cast(self.final_layer_norm.forward(x), DType::F32)
+        cast(layer_normalize(&self.final_layer_norm, x), DType::F32)
     }
 }
 
 impl ClipEncoderLayer {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let attn = &self.self_attn;
-        let h = self.layer_norm1.forward(x.clone());
+        let h = layer_normalize(&self.layer_norm1, x.clone());
         let h = multi_head_attention(
             attn.q_proj.forward(h.clone()),
             attn.k_proj.forward(h.clone()),
@@ -151,7 +151,10 @@ impl ClipEncoderLayer {
             true,
         );
         let x = x + attn.out_proj.forward(h);
-        let h = self.mlp.fc1.forward(self.layer_norm2.forward(x.clone()));
+        let h = self
+            .mlp
+            .fc1
+            .forward(layer_normalize(&self.layer_norm2, x.clone()));
         let h = match self.mlp.activation {
             ClipActivation::QuickGelu => h.clone() * sigmoid(h.mul_scalar(1.702)),
             ClipActivation::Gelu => gelu(h),

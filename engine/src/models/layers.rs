@@ -2,7 +2,7 @@
 //! defaults, diffusers' `Attention` (attention_processor.py) and multi-head scaled dot-product
 //! attention on Burn's fused `attention` op.
 
-use burn::module::Module;
+use burn::module::{Module, ModuleMapper, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{
     GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d,
@@ -56,28 +56,44 @@ pub fn convolve_fused(
     } else {
         x
     };
-    let y = convolve_summing_in_f32(conv, x);
+    let y = summing_in_f32(conv, x, |conv, x| conv.forward(x));
     match residual {
         Some(residual) => residual + y,
         None => y,
     }
 }
 
-/// `conv.forward(x)`, summed in f32 when `x` is in half precision. The GPU's direct convolution
-/// sums in the tensors' own format, and f16 sums of hundreds of products put 1% errors into a
-/// UNet's output (the test model: 1.1% of its largest value, against 0.2% for diffusers in f16,
-/// whose matrix products and convolutions sum in f32, as Burn's matrix products do). So a
-/// half-precision convolution widens its input and weights to f32 and narrows the result: the
-/// weights stay f16 in memory.
-fn convolve_summing_in_f32(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+/// `forward(module, x)` computed in f32 when `x` is in half precision, and narrowed back. The GPU's
+/// convolutions and norms sum in the tensors' own format, and f16 sums lose digits or overflow
+/// (past 65504): a UNet's convolutions summed in f16 put 1% errors into its output (the test model:
+/// 1.1% of its largest value, against 0.2% for diffusers in f16, which sums in f32 as Burn's matrix
+/// products do), and a GroupNorm over 16 384 values averaging 5 overflows. So these layers widen
+/// their input and parameters for the sum; the weights stay f16 in memory.
+pub fn summing_in_f32<M: Module + Clone, const D: usize>(
+    module: &M,
+    x: Tensor<D>,
+    forward: impl FnOnce(&M, Tensor<D>) -> Tensor<D>,
+) -> Tensor<D> {
     let dtype = x.dtype();
     if !matches!(dtype, DType::F16 | DType::BF16) {
-        return conv.forward(x);
+        return forward(module, x);
     }
-    let mut wide = conv.clone();
-    wide.weight = wide.weight.map(|w| w.cast(DType::F32));
-    wide.bias = wide.bias.map(|b| b.map(|b| b.cast(DType::F32)));
-    cast(wide.forward(cast(x, DType::F32)), dtype)
+    let wide = module.clone().map(&mut Widen);
+    cast(forward(&wide, cast(x, DType::F32)), dtype)
+}
+
+/// Casts every float parameter of a module to f32.
+struct Widen;
+
+impl ModuleMapper for Widen {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        param.map(|t| cast(t, DType::F32))
+    }
+}
+
+/// A layer norm, summed in f32 for half-precision input (see [`summing_in_f32`]).
+pub fn layer_normalize<const D: usize>(norm: &LayerNorm, x: Tensor<D>) -> Tensor<D> {
+    summing_in_f32(norm, x, |norm, x| norm.forward(x))
 }
 
 /// `silu?(norm(x + shift))` with `shift` one value per (batch, channel), in one CPU kernel where it
@@ -102,7 +118,7 @@ pub fn normalize<const D: usize>(
         }
         None => x,
     };
-    let y = norm.forward(x);
+    let y = summing_in_f32(norm, x, |norm, x| norm.forward(x));
     if silu { activation::silu(y) } else { y }
 }
 

@@ -4,9 +4,10 @@
 //! driver: `scripts/install-deps.sh` installs Mesa's.
 
 use studio_engine::device::{Backend, select};
+use studio_engine::models::layers::{group_norm, normalize};
 use studio_engine::models::unet::attention::TransformerConfig;
 use studio_engine::models::unet::resnet::ResnetConfig;
-use studio_engine::{Checkpoint, DType, Device, FloatDType, Int, Module, Tensor};
+use studio_engine::{Checkpoint, DType, Device, Distribution, FloatDType, Int, Module, Tensor};
 use studio_tests::{Reference, assert_close, max_error, model};
 
 fn wgpu() -> Device {
@@ -119,6 +120,24 @@ fn half_precision_models_on_wgpu_match_diffusers() {
         .decode(reference.get("vae_latent").tensor::<4>(&gpu));
     let expected = reference.get("vae_decoded");
     assert_close("f16 VAE decode", image, expected, HALF_TOLERANCE);
+}
+
+#[test]
+fn half_precision_group_norm_sums_in_f32() {
+    // 16 384 values per group averaging 5: their sum, 82 000, is past f16's largest value.
+    let cpu = Device::flex();
+    let norm = group_norm(32, 32, 1e-6, &cpu);
+    let x = Tensor::<4>::random([1, 32, 128, 128], Distribution::Normal(5.0, 1.0), &cpu);
+    let expected = values(normalize(&norm, x.clone(), None, true));
+    let gpu = wgpu();
+    let half = x.to_device(&gpu).cast(FloatDType::F16);
+    let actual = normalize(&norm.to_device(&gpu), half, None, true);
+    assert_eq!(actual.dtype(), DType::F16);
+    let (error, scale) = max_error(&values(actual.cast(FloatDType::F32)), &expected);
+    assert!(
+        error <= HALF_TOLERANCE * scale,
+        "f16 group norm differs from f32 by {error:e} (scale {scale:e})"
+    );
 }
 
 fn burn_distribution() -> studio_engine::Distribution {

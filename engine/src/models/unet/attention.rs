@@ -10,8 +10,8 @@ use burn::tensor::{Device, Tensor};
 
 use crate::models::cpu_activation;
 use crate::models::layers::{
-    Attention, AttentionConfig, conv2d, convolve, convolve_fused, group_norm, layer_norm, linear,
-    normalize, repeat_batch,
+    Attention, AttentionConfig, conv2d, convolve, convolve_fused, group_norm, layer_norm,
+    layer_normalize, linear, normalize, repeat_batch,
 };
 
 /// The projection into and out of the transformer: a 1×1 convolution (SD1) or a linear layer on the
@@ -140,13 +140,16 @@ impl Transformer2DModel {
 
 impl BasicTransformerBlock {
     fn forward(&self, x: Tensor<3>, context: &Tensor<3>) -> Tensor<3> {
-        let x = self.attn1.forward(self.norm1.forward(x.clone()), None) + x;
-        let x = repeat_batch(x, context.dims()[0]);
         let x = self
-            .attn2
-            .forward(self.norm2.forward(x.clone()), Some(context.clone()))
+            .attn1
+            .forward(layer_normalize(&self.norm1, x.clone()), None)
             + x;
-        self.ff.forward(self.norm3.forward(x.clone())) + x
+        let x = repeat_batch(x, context.dims()[0]);
+        let x = self.attn2.forward(
+            layer_normalize(&self.norm2, x.clone()),
+            Some(context.clone()),
+        ) + x;
+        self.ff.forward(layer_normalize(&self.norm3, x.clone())) + x
     }
 }
 
