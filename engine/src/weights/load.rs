@@ -1,8 +1,9 @@
 //! Strict loading of safetensors weights into Burn modules through burn-store.
 //!
 //! Each weight becomes a lazy `burn_pack::Tensor` whose bytes are read from the file and widened to
-//! f32 only when the module takes it, so peak memory is the model plus one tensor. f32 weights that
-//! need no rearranging stay where the file is mapped, with no copy. The module tree's names are the
+//! f32 only when the module takes it (then rounded to f16 for a half-precision model), so peak
+//! memory is the model plus one tensor. f32 weights that need no rearranging and stay f32 remain
+//! where the file is mapped, with no copy. The module tree's names are the
 //! diffusers key names (see `remap.rs` for the few exceptions); [`TorchLayout`] transposes linear
 //! weights and burn-store's `PyTorchToBurnAdapter` renames norm parameters.
 //! Anything missing, left over or mis-shaped is an error that names the keys (burn-store

@@ -416,7 +416,8 @@ impl UNet2DConditionModel {
             n if n == batch => timesteps.to_vec(),
             n => panic!("{n} timesteps for a batch of {batch}"),
         };
-        // The sinusoids are computed in f32 whatever the weights' format, as diffusers does.
+        // Inputs in the weights' format (f32 or f16); the sinusoids are computed in f32 either
+        // way and cast, as diffusers does.
         let dtype = self.conv_in.weight.val().dtype();
         let (x, context) = (cast(x, dtype), cast(context, dtype));
         let dim = self.time_embedding.linear_1.weight.dims()[0];
