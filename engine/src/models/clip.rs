@@ -8,7 +8,7 @@ use burn::tensor::activation::{gelu, sigmoid};
 use burn::tensor::{DType, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::layers::{cast, layer_norm, layer_normalize, linear, multi_head_attention};
+use super::layers::{cast, layer_norm, layer_normalize, linear, multi_head_attention, project};
 
 /// The MLP activation: SD1's CLIP uses quick GELU, OpenCLIP exact GELU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -144,21 +144,22 @@ impl ClipEncoderLayer {
         let attn = &self.self_attn;
         let h = layer_normalize(&self.layer_norm1, x.clone());
         let h = multi_head_attention(
-            attn.q_proj.forward(h.clone()),
-            attn.k_proj.forward(h.clone()),
-            attn.v_proj.forward(h),
+            project(&attn.q_proj, h.clone(), None),
+            project(&attn.k_proj, h.clone(), None),
+            project(&attn.v_proj, h, None),
             attn.heads,
             true,
         );
-        let x = x + attn.out_proj.forward(h);
-        let h = self
-            .mlp
-            .fc1
-            .forward(layer_normalize(&self.layer_norm2, x.clone()));
+        let x = project(&attn.out_proj, h, Some(x));
+        let h = project(
+            &self.mlp.fc1,
+            layer_normalize(&self.layer_norm2, x.clone()),
+            None,
+        );
         let h = match self.mlp.activation {
             ClipActivation::QuickGelu => h.clone() * sigmoid(h.mul_scalar(1.702)),
             ClipActivation::Gelu => gelu(h),
         };
-        x + self.mlp.fc2.forward(h)
+        project(&self.mlp.fc2, h, Some(x))
     }
 }

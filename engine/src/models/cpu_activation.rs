@@ -1,13 +1,16 @@
-//! The GEGLU of the UNet's feed-forward layers, `hidden · gelu(gate)` with the exact (erf) GELU, in
-//! one pass for the CPU backend. Burn computes it as a chunk, a GELU that calls the scalar `erff`
-//! for every element, and a product, three passes that write new tensors.
+//! The GEGLU feed-forward of the UNet's transformer blocks, `out(hidden · gelu(gate))` with the
+//! exact (erf) GELU, for the CPU backend: the GELU runs in place on the projection's rows and the
+//! output layer reads the result where it lies. Burn computes it as a chunk, a GELU that calls the
+//! scalar `erff` for every element, and a product, three passes that write new tensors.
 
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::nn::Linear;
+use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::cpu_attention::exp;
 use super::cpu_conv::flex;
-use super::cpu_gemm::{mul_add, vectorized};
+use super::cpu_gemm::{Matrix, mul_add, product, vectorized};
+use super::cpu_linear;
 
 /// erf(x) by Abramowitz & Stegun 7.1.26 (absolute error 1.5e-7, below 6e-7 in f32 arithmetic), in
 /// plain arithmetic the compiler vectorises.
@@ -29,44 +32,60 @@ fn gelu<const FMA: bool>(x: f32) -> f32 {
 }
 
 vectorized! {
-    /// `out = hidden · gelu(gate)` for one row, whose first half is `hidden` and second `gate`.
-    fn geglu_row(out: &mut [f32], row: &[f32]) {
-        let (hidden, gate) = row.split_at(out.len());
-        for ((o, &h), &g) in out.iter_mut().zip(hidden).zip(gate) {
-            *o = h * gelu::<FMA>(g);
+    /// One row of a GEGLU projection whose first half is `hidden` and second `gate`, before their
+    /// biases: `hidden ← (hidden + b_hidden) · gelu(gate + b_gate)`, in place.
+    fn geglu_row(row: &mut [f32], bias: &[f32]) {
+        let (hidden, gate) = row.split_at_mut(row.len() / 2);
+        let (bias_hidden, bias_gate) = bias.split_at(bias.len() / 2);
+        for (((h, &g), &bh), &bg) in hidden.iter_mut().zip(&*gate).zip(bias_hidden).zip(bias_gate) {
+            *h = (*h + bh) * gelu::<FMA>(g + bg);
         }
     }
 }
 
-/// `hidden · gelu(gate)` where `[hidden, gate]` are the two halves of `x`'s last dimension, on the
-/// CPU backend for f32; `None` leaves it to Burn.
+/// Whether [`feed_forward`] can compute a GEGLU feed-forward on `x`: f32 on the CPU backend, and
+/// a projection with a bias to twice the output layer's input width.
+pub fn feed_forward_applies(proj: &Linear, out: &Linear, x: &Tensor<3>) -> bool {
+    let ([_, width], [inner, _]) = (proj.weight.dims(), out.weight.dims());
+    cpu_linear::applies(proj, x) && proj.bias.is_some() && width == 2 * inner
+}
+
+/// `residual + out(hidden · gelu(gate))` with `[hidden, gate] = proj(x)` halved along the last
+/// dimension and the exact (erf) GELU, for an `x` that [`feed_forward_applies`] to. The
+/// projection is written once and the GEGLU overwrites its hidden half in place, adding the
+/// projection's bias as it reads; `out` reads that half where it lies, so the activations between
+/// the two layers are neither split, nor copied, nor given a buffer of their own.
 ///
 /// # Shapes
-/// x: [batch, tokens, 2·inner] → [batch, tokens, inner]
-pub fn geglu(x: &Tensor<3>) -> Option<Tensor<3>> {
-    let [batch, tokens, width] = x.dims();
-    if x.device() != Device::flex() || x.dtype() != DType::F32 || !width.is_multiple_of(2) {
-        return None;
-    }
-    let inner = width / 2;
-    let (input, start) = flex(x.clone());
-    let input = &input.storage::<f32>()[start..][..batch * tokens * width];
-    let mut output = vec![0f32; batch * tokens * inner];
-    output
-        .par_chunks_mut(inner)
-        .zip(input.par_chunks_exact(width))
-        .for_each(|(out, row)| geglu_row(out, row));
-    Some(Tensor::from_data(
-        TensorData::new(output, [batch, tokens, inner]),
-        &x.device(),
-    ))
+/// x: [batch, tokens, d_input], residual: [batch, tokens, d_output] → [batch, tokens, d_output]
+pub fn feed_forward(proj: &Linear, out: &Linear, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
+    let [batch, tokens, d_input] = x.dims();
+    let rows = batch * tokens;
+    let parameters = cpu_linear::Parameters::of(proj);
+    let width = parameters.weight().cols;
+    let (x, start) = flex(x);
+    let x = &x.storage::<f32>()[start..][..rows * d_input];
+    let mut projected = product(
+        Matrix::new(x, rows, d_input, d_input),
+        parameters.weight(),
+        1.0,
+        true,
+    );
+    let bias = parameters.bias().expect("a GEGLU projection with a bias");
+    projected
+        .par_chunks_exact_mut(width)
+        .for_each(|row| geglu_row(row, bias));
+    let hidden = Matrix::new(&projected, rows, width / 2, width);
+    cpu_linear::apply(out, hidden, residual.dims(), Some(residual))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::Distribution;
     use burn::tensor::activation::gelu as burn_gelu;
+    use burn::tensor::{Device, Distribution};
+
+    use crate::models::layers::linear;
 
     #[test]
     fn erf_is_accurate_everywhere() {
@@ -107,13 +126,22 @@ mod tests {
         }
     }
 
+    /// Against Burn's linear layers, chunk, GELU and product, on uneven widths.
     #[test]
-    fn matches_burns_chunk_gelu_and_product() {
+    fn matches_burns_feed_forward() {
         let device = Device::flex();
-        let x = Tensor::<3>::random([2, 37, 2 * 44], Distribution::Normal(0.0, 3.0), &device);
-        let [hidden, gate]: [Tensor<3>; 2] = x.clone().chunk(2, 2).try_into().unwrap();
-        let expected = hidden * burn_gelu(gate);
-        let actual = geglu(&x).expect("CPU path taken");
+        let normal = Distribution::Normal(0.0, 1.0);
+        let x = Tensor::<3>::random([2, 37, 24], normal, &device);
+        let residual = Tensor::<3>::random([2, 37, 24], normal, &device);
+        let (proj, out) = (
+            linear(24, 2 * 44, true, &device),
+            linear(44, 24, true, &device),
+        );
+        assert!(feed_forward_applies(&proj, &out, &x));
+        let [hidden, gate]: [Tensor<3>; 2] =
+            proj.forward(x.clone()).chunk(2, 2).try_into().unwrap();
+        let expected = out.forward(hidden * burn_gelu(gate)) + residual.clone();
+        let actual = feed_forward(&proj, &out, x, residual);
         let error: f32 = (actual - expected).abs().max().into_scalar();
         assert!(error < 1e-5, "max error {error}");
     }

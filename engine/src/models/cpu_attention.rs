@@ -9,7 +9,8 @@
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::cpu_gemm::{Dst, Matrix, matmul, mul_add, vectorized};
+use super::cpu_conv::flex;
+use super::cpu_gemm::{Dst, Matrix, matmul, mul_add, product_into, vectorized};
 
 /// Query rows per block: 256 rows × 4096 keys of f32 scores is 4 MiB.
 const BLOCK: usize = 256;
@@ -19,67 +20,76 @@ pub fn worthwhile(queries: usize, keys: usize) -> bool {
     queries * keys >= 256 * 1024
 }
 
-/// softmax(Q Kᵀ / √d) V.
+/// softmax(Q Kᵀ / √d) V for every head, read where the projections put it and written the same
+/// way, so no head is split out of the projections or merged back by a copy.
 ///
 /// # Shapes
-/// q: [batch, heads, len_q, d], k: [batch, heads, len_kv, d], v: [batch, heads, len_kv, dv]
-/// → [batch, heads, len_q, dv]
-pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-    let [batch, heads, len_q, d] = q.dims();
-    let [_, _, len_kv, dv] = v.dims();
-    assert_eq!(k.dims(), [batch, heads, len_kv, d], "key shape");
+/// q: [batch, len_q, heads · d], k: [batch, len_kv, heads · d], v: [batch, len_kv, heads · dv]
+/// → [batch, len_q, heads · dv]
+pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tensor<3> {
+    let [batch, len_q, width] = q.dims();
+    let [_, len_kv, width_v] = v.dims();
+    assert_eq!(k.dims(), [batch, len_kv, width], "key shape");
+    assert_eq!(v.dims()[0], batch, "value batch");
+    assert!(
+        heads > 0 && width.is_multiple_of(heads) && width_v.is_multiple_of(heads),
+        "{width} and {width_v} wide projections do not split into {heads} heads"
+    );
+    let (d, dv) = (width / heads, width_v / heads);
     let device = q.device();
-    let values = |t: Tensor<4>| {
-        t.into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .expect("f32 data")
-    };
-    let (q, k, v) = (values(q), values(k), values(v));
+    let (q, q_start) = flex(q);
+    let (k, k_start) = flex(k);
+    let (v, v_start) = flex(v);
+    let q = &q.storage::<f32>()[q_start..][..batch * len_q * width];
+    let k = &k.storage::<f32>()[k_start..][..batch * len_kv * width];
+    let v = &v.storage::<f32>()[v_start..][..batch * len_kv * width_v];
     let scale = 1.0 / (d as f32).sqrt();
-    let mut out = vec![0f32; batch * heads * len_q * dv];
-    out.par_chunks_mut(len_q * dv)
-        .enumerate()
-        .for_each(|(head, out)| {
-            let q = &q[head * len_q * d..(head + 1) * len_q * d];
-            let k = &k[head * len_kv * d..(head + 1) * len_kv * d];
-            let v = &v[head * len_kv * dv..(head + 1) * len_kv * dv];
-            let mut scores = vec![0f32; BLOCK * len_kv];
-            for start in (0..len_q).step_by(BLOCK) {
-                let rows = BLOCK.min(len_q - start);
-                let scores = &mut scores[..rows * len_kv];
-                // scores = scale · Q[start..] Kᵀ (K row-major, read as its transpose)
-                matmul(
-                    scores,
-                    len_kv,
-                    Dst::Overwrite,
-                    Matrix::new(&q[start * d..(start + rows) * d], rows, d, d),
-                    Matrix::transpose_of(k, d, len_kv, d),
-                    scale,
-                    false,
-                );
-                let mut inverse_sums = [0f32; BLOCK];
-                for (row, inverse) in scores.chunks_exact_mut(len_kv).zip(&mut inverse_sums) {
-                    *inverse = exponentiate_in_place(row);
-                }
-                // The softmax's division happens on the dv-wide result rows instead of the
-                // len_kv-wide score rows.
-                let out = &mut out[start * dv..(start + rows) * dv];
-                matmul(
-                    out,
-                    dv,
-                    Dst::Overwrite,
-                    Matrix::new(scores, rows, len_kv, len_kv),
-                    Matrix::new(v, len_kv, dv, dv),
-                    1.0,
-                    false,
-                );
-                for (row, inverse) in out.chunks_exact_mut(dv).zip(inverse_sums) {
-                    row.iter_mut().for_each(|x| *x *= inverse);
-                }
-            }
+    let mut out = vec![0f32; batch * len_q * width_v];
+    out.par_chunks_mut(len_q * width_v)
+        .zip(q.par_chunks(len_q * width))
+        .zip(
+            k.par_chunks(len_kv * width)
+                .zip(v.par_chunks(len_kv * width_v)),
+        )
+        .for_each(|((out, q), (k, v))| {
+            out.par_chunks_mut(BLOCK * width_v)
+                .zip(q.par_chunks(BLOCK * width))
+                .for_each(|(out, q)| {
+                    let rows = q.len() / width;
+                    let mut scores = Vec::new();
+                    for head in 0..heads {
+                        // scores = scale · Q Kᵀ (K row-major, read as its transpose)
+                        product_into(
+                            &mut scores,
+                            Matrix::new(&q[head * d..], rows, d, width),
+                            Matrix::transpose_of(&k[head * d..], d, len_kv, width),
+                            scale,
+                            false,
+                        );
+                        let mut inverse_sums = [0f32; BLOCK];
+                        for (row, inverse) in scores.chunks_exact_mut(len_kv).zip(&mut inverse_sums)
+                        {
+                            *inverse = exponentiate_in_place(row);
+                        }
+                        // The softmax's division happens on the dv-wide result rows instead of
+                        // the len_kv-wide score rows.
+                        let out = &mut out[head * dv..];
+                        matmul(
+                            out,
+                            width_v,
+                            Dst::Overwrite,
+                            Matrix::new(&scores, rows, len_kv, len_kv),
+                            Matrix::new(&v[head * dv..], len_kv, dv, width_v),
+                            1.0,
+                            false,
+                        );
+                        for (row, inverse) in out.chunks_mut(width_v).zip(&inverse_sums[..rows]) {
+                            row[..dv].iter_mut().for_each(|x| *x *= inverse);
+                        }
+                    }
+                });
         });
-    Tensor::from_data(TensorData::new(out, [batch, heads, len_q, dv]), &device)
+    Tensor::from_data(TensorData::new(out, [batch, len_q, width_v]), &device)
 }
 
 /// A softmax's numerators in place, `e^(x − max)`, and the reciprocal of their sum, which the
@@ -161,19 +171,31 @@ mod tests {
         let device = Device::flex();
         let n = Distribution::Normal(0.0, 1.5);
         // Uneven sizes: a partial last block, keys ≠ queries, value width ≠ key width.
-        let q = Tensor::<4>::random([2, 3, 300, 16], n, &device);
-        let k = Tensor::<4>::random([2, 3, 77, 16], n, &device);
-        let v = Tensor::<4>::random([2, 3, 77, 24], n, &device);
+        let (batch, heads, len_q, len_kv, d, dv) = (2, 3, 300, 77, 16, 24);
+        let q = Tensor::<3>::random([batch, len_q, heads * d], n, &device);
+        let k = Tensor::<3>::random([batch, len_kv, heads * d], n, &device);
+        let v = Tensor::<3>::random([batch, len_kv, heads * dv], n, &device);
+        let split =
+            |x: Tensor<3>, len, width| x.reshape([batch, len, heads, width]).swap_dims(1, 2);
         let options = AttentionModuleOptions {
             scale: None,
             softcap: None,
             is_causal: false,
         };
-        let expected: Vec<f32> = reference(q.clone(), k.clone(), v.clone(), None, None, options)
-            .into_data()
-            .try_to_vec::<f32>()
-            .unwrap();
-        let actual: Vec<f32> = attention(q, k, v).into_data().try_to_vec::<f32>().unwrap();
+        let expected = reference(
+            split(q.clone(), len_q, d),
+            split(k.clone(), len_kv, d),
+            split(v.clone(), len_kv, dv),
+            None,
+            None,
+            options,
+        )
+        .swap_dims(1, 2)
+        .reshape([batch, len_q, heads * dv]);
+        let expected: Vec<f32> = expected.into_data().try_to_vec::<f32>().unwrap();
+        let actual = attention(q, k, v, heads);
+        assert_eq!(actual.dims(), [batch, len_q, heads * dv]);
+        let actual: Vec<f32> = actual.into_data().try_to_vec::<f32>().unwrap();
         let error = actual
             .iter()
             .zip(&expected)

@@ -121,6 +121,40 @@ unsafe impl Destination for MaybeUninit<f32> {
     const INITIALISED: bool = false;
 }
 
+/// `scale · (lhs · rhs)` in a new row-major buffer, which the product writes without it being
+/// zeroed first.
+pub fn product(lhs: Matrix, rhs: Matrix, scale: f32, parallel: bool) -> Vec<f32> {
+    let mut out = Vec::new();
+    product_into(&mut out, lhs, rhs, scale, parallel);
+    out
+}
+
+/// [`product`] into `out`'s memory, which is replaced and grown if need be: a buffer reused for
+/// products of several sizes is neither zeroed nor reallocated each time.
+pub fn product_into(out: &mut Vec<f32>, lhs: Matrix, rhs: Matrix, scale: f32, parallel: bool) {
+    let (rows, cols) = (lhs.rows, rhs.cols);
+    let len = rows * cols;
+    out.clear();
+    out.reserve(len);
+    if len > 0 {
+        matmul(
+            &mut out.spare_capacity_mut()[..len],
+            cols,
+            Dst::Overwrite,
+            lhs,
+            rhs,
+            scale,
+            parallel,
+        );
+    }
+    #[allow(unsafe_code)]
+    // SAFETY: `matmul` has overwritten all `rows` rows of `cols` elements, `cols` apart: the first
+    // `len` elements.
+    unsafe {
+        out.set_len(len)
+    };
+}
+
 /// `dst[r · dst_row_stride + c] (+)= scale · (lhs · rhs)[r, c]` for an `lhs.rows × rhs.cols` result;
 /// `parallel` lets gemm spread the product over the rayon pool. A destination not yet written
 /// (`MaybeUninit`) takes only [`Dst::Overwrite`], and holds the result afterwards.

@@ -11,7 +11,7 @@ use burn::tensor::module::{attention, interpolate};
 use burn::tensor::ops::{AttentionModuleOptions, InterpolateMode, InterpolateOptions};
 use burn::tensor::{DType, Device, Tensor, activation};
 
-use super::{cpu_conv, cpu_norm};
+use super::{cpu_conv, cpu_linear, cpu_norm};
 
 /// A `k×k` convolution with symmetric `padding`.
 pub fn conv2d(
@@ -137,6 +137,22 @@ pub fn repeat_batch<const D: usize>(x: Tensor<D>, batch: usize) -> Tensor<D> {
     Tensor::cat(vec![x; batch / have], 0)
 }
 
+/// `linear(x) (+ residual)`, by the CPU linear kernel where it applies.
+pub fn project<const D: usize>(
+    linear: &Linear,
+    x: Tensor<D>,
+    residual: Option<Tensor<D>>,
+) -> Tensor<D> {
+    if cpu_linear::applies(linear, &x) {
+        return cpu_linear::run(linear, x, residual);
+    }
+    let y = linear.forward(x);
+    match residual {
+        Some(residual) => y + residual,
+        None => y,
+    }
+}
+
 pub fn linear(d_input: usize, d_output: usize, bias: bool, device: &Device) -> Linear {
     LinearConfig::new(d_input, d_output)
         .with_bias(bias)
@@ -191,6 +207,13 @@ pub fn multi_head_attention(
         0,
         "width {width} not divisible by {heads} heads"
     );
+    if !causal
+        && q.device() == Device::flex()
+        && q.dtype() == DType::F32
+        && super::cpu_attention::worthwhile(len_q, len_kv)
+    {
+        return super::cpu_attention::attention(q, k, v, heads);
+    }
     let split = |x: Tensor<3>, len: usize| {
         x.reshape([batch, len, heads, width / heads])
             .swap_dims(1, 2)
@@ -201,15 +224,9 @@ pub fn multi_head_attention(
         is_causal: causal,
     };
     let (q, k, v) = (split(q, len_q), split(k, len_kv), split(v, len_kv));
-    let out = if !causal
-        && q.device() == Device::flex()
-        && super::cpu_attention::worthwhile(len_q, len_kv)
-    {
-        super::cpu_attention::attention(q, k, v)
-    } else {
-        attention(q, k, v, None, None, options)
-    };
-    out.swap_dims(1, 2).reshape([batch, len_q, width])
+    attention(q, k, v, None, None, options)
+        .swap_dims(1, 2)
+        .reshape([batch, len_q, width])
 }
 
 /// diffusers' `Attention`: q/k/v projections, multi-head attention, an output projection, and for
@@ -256,18 +273,24 @@ impl AttentionConfig {
 }
 
 impl Attention {
-    /// Token attention: self-attention when `context` is `None`.
+    /// Token attention: self-attention when `context` is `None`, with `residual` added to the
+    /// output projection's result.
     ///
     /// # Shapes
-    /// x: [batch, tokens, query_dim], context: [batch, context_tokens, context_dim]
-    /// → [batch, tokens, query_dim]
-    pub fn forward(&self, x: Tensor<3>, context: Option<Tensor<3>>) -> Tensor<3> {
+    /// x: [batch, tokens, query_dim], context: [batch, context_tokens, context_dim],
+    /// residual: [batch, tokens, query_dim] → [batch, tokens, query_dim]
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        context: Option<Tensor<3>>,
+        residual: Option<Tensor<3>>,
+    ) -> Tensor<3> {
         let context = context.unwrap_or_else(|| x.clone());
-        let q = self.to_q.forward(x);
-        let k = self.to_k.forward(context.clone());
-        let v = self.to_v.forward(context);
+        let q = project(&self.to_q, x, None);
+        let k = project(&self.to_k, context.clone(), None);
+        let v = project(&self.to_v, context, None);
         let out = multi_head_attention(q, k, v, self.heads, false);
-        self.to_out[0].forward(out)
+        project(&self.to_out[0], out, residual)
     }
 
     /// Spatial self-attention over the pixels of a feature map, with the residual added back (the
@@ -285,7 +308,7 @@ impl Attention {
             .reshape([batch, channels, height * width])
             .swap_dims(1, 2);
         let out = self
-            .forward(tokens, None)
+            .forward(tokens, None, None)
             .swap_dims(1, 2)
             .reshape([batch, channels, height, width]);
         out + x

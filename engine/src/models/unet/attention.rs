@@ -6,13 +6,13 @@ use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, LayerNorm, Linear};
 use burn::tensor::activation::gelu;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 
-use crate::models::cpu_activation;
 use crate::models::layers::{
     Attention, AttentionConfig, conv2d, convolve, convolve_fused, group_norm, layer_norm,
-    layer_normalize, linear, normalize, repeat_batch,
+    layer_normalize, linear, normalize, project, repeat_batch,
 };
+use crate::models::{cpu_activation, cpu_linear};
 
 /// The projection into and out of the transformer: a 1×1 convolution (SD1) or a linear layer on the
 /// flattened pixels (`use_linear_projection`, SD2). Both hold `weight`/`bias` under the same key.
@@ -123,46 +123,62 @@ impl Transformer2DModel {
             x.swap_dims(1, 2).reshape([batch, channels, height, width])
         };
         let h = normalize(&self.norm, x.clone(), None, false);
-        let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(convolve(conv, h)),
-            Projection::Linear(linear) => linear.forward(to_tokens(h)),
+        let mut tokens = match (self.proj_in.on_cpu(&h), &self.proj_in) {
+            (Some(parameters), _) => cpu_linear::map_to_tokens(&parameters, h),
+            (None, Projection::Conv(conv)) => to_tokens(convolve(conv, h)),
+            (None, Projection::Linear(linear)) => project(linear, to_tokens(h), None),
         };
         for block in &self.transformer_blocks {
             tokens = block.forward(tokens, context);
         }
         let x = repeat_batch(x, tokens.dims()[0]);
-        match &self.proj_out {
-            Projection::Conv(conv) => convolve_fused(conv, to_map(tokens), false, Some(x)),
-            Projection::Linear(linear) => to_map(linear.forward(tokens)) + x,
+        match (self.proj_out.on_cpu(&x), &self.proj_out) {
+            (Some(parameters), _) => cpu_linear::tokens_to_map(&parameters, tokens, x),
+            (None, Projection::Conv(conv)) => convolve_fused(conv, to_map(tokens), false, Some(x)),
+            (None, Projection::Linear(linear)) => to_map(project(linear, tokens, None)) + x,
+        }
+    }
+}
+
+impl Projection {
+    /// The parameters for the CPU kernels that go between maps and tokens without a transpose,
+    /// when `x` and the parameters are f32 on the CPU backend.
+    fn on_cpu(&self, x: &Tensor<4>) -> Option<cpu_linear::Parameters> {
+        match self {
+            Self::Conv(conv) => (x.device() == Device::flex() && x.dtype() == DType::F32)
+                .then(|| cpu_linear::Parameters::of_pointwise(conv))
+                .flatten(),
+            Self::Linear(linear) => {
+                cpu_linear::applies(linear, x).then(|| cpu_linear::Parameters::of(linear))
+            }
         }
     }
 }
 
 impl BasicTransformerBlock {
     fn forward(&self, x: Tensor<3>, context: &Tensor<3>) -> Tensor<3> {
-        let x = self
-            .attn1
-            .forward(layer_normalize(&self.norm1, x.clone()), None)
-            + x;
+        let h = layer_normalize(&self.norm1, x.clone());
+        let x = self.attn1.forward(h, None, Some(x));
         let x = repeat_batch(x, context.dims()[0]);
-        let x = self.attn2.forward(
-            layer_normalize(&self.norm2, x.clone()),
-            Some(context.clone()),
-        ) + x;
-        self.ff.forward(layer_normalize(&self.norm3, x.clone())) + x
+        let h = layer_normalize(&self.norm2, x.clone());
+        let x = self.attn2.forward(h, Some(context.clone()), Some(x));
+        let h = layer_normalize(&self.norm3, x.clone());
+        self.ff.forward(h, x)
     }
 }
 
 impl FeedForward {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let projected = self.geglu.proj.forward(x);
-        if let Some(y) = cpu_activation::geglu(&projected) {
-            return self.out.forward(y);
+    /// `residual + ff(x)`.
+    fn forward(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
+        let proj = &self.geglu.proj;
+        if cpu_activation::feed_forward_applies(proj, &self.out, &x) {
+            return cpu_activation::feed_forward(proj, &self.out, x, residual);
         }
-        let [hidden, gate] = projected
+        let [hidden, gate] = proj
+            .forward(x)
             .chunk(2, 2)
             .try_into()
             .expect("GEGLU splits in two");
-        self.out.forward(hidden * gelu(gate))
+        project(&self.out, hidden * gelu(gate), Some(residual))
     }
 }
