@@ -11,7 +11,7 @@ use burn::tensor::module::{attention, interpolate};
 use burn::tensor::ops::{AttentionModuleOptions, InterpolateMode, InterpolateOptions};
 use burn::tensor::{DType, Device, Tensor, activation};
 
-use super::{cpu_conv, cpu_linear, cpu_norm};
+use super::{cpu_conv, cpu_linear, cpu_norm, gpu_conv};
 
 /// A `k×k` convolution with symmetric `padding`.
 pub fn conv2d(
@@ -56,7 +56,15 @@ pub fn convolve_fused(
     } else {
         x
     };
-    let y = summing_in_f32(conv, x, |conv, x| conv.forward(x));
+    let y = summing_in_f32(conv, x, |conv, x| {
+        if !gpu_conv::applies(&x) {
+            return conv.forward(x);
+        }
+        match gpu_conv::convolve(conv, x.clone(), gpu_conv::BAND_VALUES) {
+            Some(y) => y,
+            None => conv.forward(x),
+        }
+    });
     match residual {
         Some(residual) => residual + y,
         None => y,
@@ -118,7 +126,14 @@ pub fn normalize<const D: usize>(
         }
         None => x,
     };
-    let y = summing_in_f32(norm, x, |norm, x| norm.forward(x));
+    let y = summing_in_f32(norm, x, |norm, x| {
+        if !gpu_conv::group_norm_applies(norm, &x) {
+            return norm.forward(x);
+        }
+        let dims = x.dims();
+        let [b, c, h, w] = [0, 1, 2, 3].map(|i| dims[i]);
+        gpu_conv::group_norm(norm, x.reshape([b, c, h, w])).reshape(dims)
+    });
     if silu { activation::silu(y) } else { y }
 }
 
