@@ -12,10 +12,27 @@
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, PaddingConfig2d};
 use burn::tensor::ops::PadMode;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 
-/// The most values one band's im2col matrix holds (256 MB in f32).
-pub const BAND_VALUES: usize = 64 << 20;
+/// How [`convolve`] lays out its products.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// The most values one band's im2col matrix holds.
+    pub band_values: usize,
+    /// Products with fewer output columns than this split their sums...
+    pub split_below: usize,
+    /// ...into up to 16 parts of at least this many terms.
+    pub min_part: usize,
+}
+
+/// The plan for a GPU: bands of at most 256 MB in f32; a product narrower than 1024 columns (the
+/// convolutions at 4² to 16² latents) splits a sum of 11 520 terms into 16 parts of 720, so the
+/// GPU has 16 times the threads to run it on.
+pub const GPU: Plan = Plan {
+    band_values: 64 << 20,
+    split_below: 1024,
+    min_part: 512,
+};
 
 /// True where these forms replace Burn's own kernels: every device but the CPU backend, whose
 /// convolutions and norms have their own kernels (`cpu_conv`, `cpu_norm`).
@@ -25,8 +42,8 @@ pub fn applies<const D: usize>(x: &Tensor<D>) -> bool {
 
 /// `conv(x)` as im2col matrix products, for a convolution with stride 1, no dilation, no groups
 /// and the same padding on every side; `None` for any other (Burn's own kernel runs it).
-/// `band_values` bounds the im2col matrix of one band of output rows.
-pub fn convolve(conv: &Conv2d, x: Tensor<4>, band_values: usize) -> Option<Tensor<4>> {
+/// The products take half-precision input as it is: Burn's matrix products sum in f32.
+pub fn convolve(conv: &Conv2d, x: Tensor<4>, plan: &Plan) -> Option<Tensor<4>> {
     let padding = match conv.padding {
         PaddingConfig2d::Explicit(t, l, b, r) if t == l && l == b && b == r => t,
         PaddingConfig2d::Valid => 0,
@@ -60,7 +77,7 @@ pub fn convolve(conv: &Conv2d, x: Tensor<4>, band_values: usize) -> Option<Tenso
     } else {
         x
     };
-    let rows_per_band = (band_values / (channels_in * taps * batch * out_w)).clamp(1, out_h);
+    let rows_per_band = (plan.band_values / (channels_in * taps * batch * out_w)).clamp(1, out_h);
     let mut bands = Vec::with_capacity(out_h.div_ceil(rows_per_band));
     for top in (0..out_h).step_by(rows_per_band) {
         let rows = rows_per_band.min(out_h - top);
@@ -82,7 +99,7 @@ pub fn convolve(conv: &Conv2d, x: Tensor<4>, band_values: usize) -> Option<Tenso
                 .collect::<Vec<_>>();
             Tensor::stack::<5>(windows, 1).reshape([channels_in * taps, batch * rows * out_w])
         };
-        let y = weight.clone().matmul(columns);
+        let y = product(weight.clone(), columns, plan);
         let y = match &bias {
             Some(bias) => y + bias.clone(),
             None => y,
@@ -95,6 +112,30 @@ pub fn convolve(conv: &Conv2d, x: Tensor<4>, band_values: usize) -> Option<Tenso
         Tensor::cat(bands, 2)
     };
     Some(y.swap_dims(0, 1))
+}
+
+/// `weight · columns`, its sum split into parts multiplied side by side and added in f32 where the
+/// product is narrow and its sum long (see [`Plan`]).
+fn product(weight: Tensor<2>, columns: Tensor<2>, plan: &Plan) -> Tensor<2> {
+    let [rows, terms] = weight.dims();
+    let [_, width] = columns.dims();
+    let mut parts = 1;
+    while width < plan.split_below
+        && parts < 16
+        && terms.is_multiple_of(parts * 2)
+        && terms / (parts * 2) >= plan.min_part
+    {
+        parts *= 2;
+    }
+    if parts == 1 {
+        return weight.matmul(columns);
+    }
+    let dtype = columns.dtype();
+    let weight = weight.reshape([rows, parts, terms / parts]).swap_dims(0, 1);
+    let columns = columns.reshape([parts, terms / parts, width]);
+    let partial = weight.matmul(columns);
+    let sum = partial.cast(DType::F32).sum_dim(0).reshape([rows, width]);
+    sum.cast(dtype)
 }
 
 /// `norm(x)` for x of shape [batch, channels, height, width], the sums taken row by row first.
@@ -149,19 +190,32 @@ mod tests {
     #[test]
     fn im2col_products_match_burns_convolution() {
         let device = Device::flex();
-        for (kernel, padding, bias) in [(3, 1, true), (1, 0, true), (3, 0, false), (5, 2, true)] {
-            let conv = layers::conv2d([6, 5], kernel, 1, padding, bias, &device);
-            let x = random([2, 6, 9, 7], &device);
+        for (channels, kernel, padding, bias) in [
+            (6, 3, 1, true),
+            (6, 1, 0, true),
+            (8, 3, 0, false),
+            (6, 5, 2, true),
+        ] {
+            let conv = layers::conv2d([channels, 5], kernel, 1, padding, bias, &device);
+            let x = random([2, channels, 9, 7], &device);
             let expected = conv.forward(x.clone());
-            // One band, and bands of one or two rows with a short last band.
-            for band_values in [BAND_VALUES, 6 * kernel * kernel * 2 * 7, 1] {
-                let y = convolve(&conv, x.clone(), band_values).expect("applies");
-                assert_eq!(y.dims(), expected.dims());
-                let (error, scale) = max_difference(y, expected.clone());
-                assert!(
-                    error <= 1e-5 * scale,
-                    "k{kernel} p{padding} band {band_values}: off by {error} (scale {scale})"
-                );
+            // One band, and bands of one or two rows with a short last band; sums whole, and
+            // split in 2 to 8 parts (72 terms: 8 parts of 9).
+            for band_values in [GPU.band_values, channels * kernel * kernel * 2 * 7, 1] {
+                for split_below in [0, usize::MAX] {
+                    let plan = Plan {
+                        band_values,
+                        split_below,
+                        min_part: 1,
+                    };
+                    let y = convolve(&conv, x.clone(), &plan).expect("applies");
+                    assert_eq!(y.dims(), expected.dims());
+                    let (error, scale) = max_difference(y, expected.clone());
+                    assert!(
+                        error <= 1e-5 * scale,
+                        "{channels}ch k{kernel} p{padding} {plan:?}: off by {error} (scale {scale})"
+                    );
+                }
             }
         }
     }
@@ -171,10 +225,10 @@ mod tests {
         let device = Device::flex();
         let x = random([1, 4, 8, 8], &device);
         let strided = layers::conv2d([4, 4], 3, 2, 1, true, &device);
-        assert!(convolve(&strided, x.clone(), BAND_VALUES).is_none());
+        assert!(convolve(&strided, x.clone(), &GPU).is_none());
         let mut grouped = layers::conv2d([4, 4], 3, 1, 1, true, &device);
         grouped.groups = 2;
-        assert!(convolve(&grouped, x, BAND_VALUES).is_none());
+        assert!(convolve(&grouped, x, &GPU).is_none());
     }
 
     #[test]

@@ -56,15 +56,13 @@ pub fn convolve_fused(
     } else {
         x
     };
-    let y = summing_in_f32(conv, x, |conv, x| {
-        if !gpu_conv::applies(&x) {
-            return conv.forward(x);
-        }
-        match gpu_conv::convolve(conv, x.clone(), gpu_conv::BAND_VALUES) {
-            Some(y) => y,
-            None => conv.forward(x),
-        }
-    });
+    let y = match gpu_conv::applies(&x)
+        .then(|| gpu_conv::convolve(conv, x.clone(), &gpu_conv::GPU))
+        .flatten()
+    {
+        Some(y) => y,
+        None => summing_in_f32(conv, x, |conv, x| conv.forward(x)),
+    };
     match residual {
         Some(residual) => residual + y,
         None => y,

@@ -1,10 +1,11 @@
-//! burn-wgpu computes what the CPU backend computes, on one resnet block and one transformer block,
-//! and the tiny SD1 fixture in half precision matches diffusers (tiny shapes: on machines without a
+//! burn-wgpu computes what the CPU backend computes, on one resnet block, one transformer block and
+//! a convolution with split sums, and the tiny SD1 fixture in half precision matches diffusers (tiny shapes: on machines without a
 //! GPU wgpu runs on software Vulkan, which compiles every new kernel shape slowly). Needs a Vulkan
 //! driver: `scripts/install-deps.sh` installs Mesa's.
 
 use studio_engine::device::{Backend, select};
-use studio_engine::models::layers::{group_norm, normalize};
+use studio_engine::models::gpu_conv;
+use studio_engine::models::layers::{conv2d, group_norm, normalize};
 use studio_engine::models::unet::attention::TransformerConfig;
 use studio_engine::models::unet::resnet::ResnetConfig;
 use studio_engine::{Checkpoint, DType, Device, Distribution, FloatDType, Int, Module, Tensor};
@@ -137,6 +138,36 @@ fn half_precision_group_norm_sums_in_f32() {
     assert!(
         error <= HALF_TOLERANCE * scale,
         "f16 group norm differs from f32 by {error:e} (scale {scale:e})"
+    );
+}
+
+#[test]
+fn split_convolution_products_on_wgpu_match_cpu() {
+    // 64 channels × 9 taps: 576 terms per output, split into 16 parts of 36; in f32, and in f16,
+    // where the parts are added in f32.
+    let cpu = Device::flex();
+    let conv = conv2d([64, 48], 3, 1, 1, true, &cpu);
+    let x = Tensor::<4>::random([2, 64, 6, 5], burn_distribution(), &cpu);
+    let expected = values(conv.forward(x.clone()));
+    let gpu = wgpu();
+    let plan = gpu_conv::Plan {
+        split_below: usize::MAX,
+        min_part: 1,
+        ..gpu_conv::GPU
+    };
+    let conv = conv.to_device(&gpu);
+    let x = x.to_device(&gpu);
+    let full = gpu_conv::convolve(&conv, x.clone(), &plan).expect("a stride-1 convolution");
+    assert_same("split convolution", values(full), expected.clone());
+    let mut half_conv = conv.clone();
+    half_conv.weight = half_conv.weight.map(|w| w.cast(FloatDType::F16));
+    half_conv.bias = half_conv.bias.map(|b| b.map(|b| b.cast(FloatDType::F16)));
+    let half = gpu_conv::convolve(&half_conv, x.cast(FloatDType::F16), &plan).unwrap();
+    assert_eq!(half.dtype(), DType::F16);
+    let (error, scale) = max_error(&values(half.cast(FloatDType::F32)), &expected);
+    assert!(
+        error <= HALF_TOLERANCE * scale,
+        "f16 split convolution differs from f32 by {error:e} (scale {scale:e})"
     );
 }
 
