@@ -227,6 +227,28 @@ pub fn multi_head_attention(
     {
         return super::cpu_attention::attention(q, k, v, heads);
     }
+    attention_in_query_blocks(q, k, v, heads, causal, SCORES_PER_CALL)
+}
+
+/// The most attention scores (batch × heads × queries × keys) one call to Burn's attention
+/// computes at once: 256 MB in f32. Off the CPU kernel, Burn's attention (without its autotune
+/// feature) writes out the whole score matrix and intermediates of its size, which at 512² with
+/// guidance would be 268 M scores per call (1 GB in f16, several times over) and at 1024² 4.3 G.
+pub const SCORES_PER_CALL: usize = 1 << 26;
+
+/// Multi-head attention by Burn's `attention`, in blocks of queries holding at most `max_scores`
+/// scores each (blocks of equal size, at least one query each). Causal attention is never split:
+/// its mask is laid out for the whole score matrix (CLIP's 77 tokens need no split).
+pub fn attention_in_query_blocks(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    heads: usize,
+    causal: bool,
+    max_scores: usize,
+) -> Tensor<3> {
+    let [batch, len_q, width] = q.dims();
+    let len_kv = k.dims()[1];
     let split = |x: Tensor<3>, len: usize| {
         x.reshape([batch, len, heads, width / heads])
             .swap_dims(1, 2)
@@ -237,9 +259,31 @@ pub fn multi_head_attention(
         is_causal: causal,
     };
     let (q, k, v) = (split(q, len_q), split(k, len_kv), split(v, len_kv));
-    attention(q, k, v, None, None, options)
-        .swap_dims(1, 2)
-        .reshape([batch, len_q, width])
+    let per_query = (batch * heads * len_kv).max(1);
+    let blocks = if causal {
+        1
+    } else {
+        len_q.div_ceil((max_scores / per_query).max(1))
+    };
+    let out = if blocks <= 1 {
+        attention(q, k, v, None, None, options)
+    } else {
+        let rows = len_q.div_ceil(blocks);
+        let parts = (0..len_q)
+            .step_by(rows)
+            .map(|start| {
+                let block = q.clone().slice([
+                    0..batch,
+                    0..heads,
+                    start..(start + rows).min(len_q),
+                    0..width / heads,
+                ]);
+                attention(block, k.clone(), v.clone(), None, None, options)
+            })
+            .collect();
+        Tensor::cat(parts, 2)
+    };
+    out.swap_dims(1, 2).reshape([batch, len_q, width])
 }
 
 /// diffusers' `Attention`: q/k/v projections, multi-head attention, an output projection, and for
@@ -332,4 +376,38 @@ impl Attention {
 /// and its outputs to f32 on the way out, so everything around the models stays f32.
 pub fn cast<const D: usize>(x: Tensor<D>, dtype: DType) -> Tensor<D> {
     if x.dtype() == dtype { x } else { x.cast(dtype) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    #[test]
+    fn attention_in_query_blocks_matches_one_call() {
+        let device = Device::flex();
+        let random =
+            |shape: [usize; 3]| Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        // 37 queries: blocks of 13, 13 and 11 with a budget of 13 queries' scores; of one query
+        // with a budget below one query's.
+        let (q, k, v) = (
+            random([2, 37, 24]),
+            random([2, 29, 24]),
+            random([2, 29, 24]),
+        );
+        let per_query = 2 * 3 * 29;
+        let whole =
+            attention_in_query_blocks(q.clone(), k.clone(), v.clone(), 3, false, usize::MAX);
+        assert_eq!(whole.dims(), [2, 37, 24]);
+        let independent =
+            super::super::cpu_attention::attention(q.clone(), k.clone(), v.clone(), 3);
+        let difference = |a: Tensor<3>, b: Tensor<3>| -> f32 { (a - b).abs().max().into_scalar() };
+        assert!(difference(whole.clone(), independent) < 1e-5);
+        for budget in [13 * per_query, 13 * per_query + 5, 1] {
+            let blocks =
+                attention_in_query_blocks(q.clone(), k.clone(), v.clone(), 3, false, budget);
+            let error = difference(blocks, whole.clone());
+            assert!(error < 1e-6, "budget {budget}: off by {error}");
+        }
+    }
 }

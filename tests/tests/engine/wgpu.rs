@@ -1,11 +1,12 @@
-//! burn-wgpu computes what the CPU backend computes, on one resnet block, one transformer block and
-//! a convolution with split sums, and the tiny SD1 fixture in half precision matches diffusers (tiny shapes: on machines without a
-//! GPU wgpu runs on software Vulkan, which compiles every new kernel shape slowly). Needs a Vulkan
-//! driver: `scripts/install-deps.sh` installs Mesa's.
+//! burn-wgpu computes what the CPU backend computes, on one resnet block, one transformer block, a
+//! convolution with split sums and attention in blocks of queries, and the tiny SD1 fixture in half
+//! precision matches diffusers (tiny shapes: on machines without a GPU wgpu runs on software
+//! Vulkan, which compiles every new kernel shape slowly). Needs a Vulkan driver:
+//! `scripts/install-deps.sh` installs Mesa's.
 
 use studio_engine::device::{Backend, select};
 use studio_engine::models::gpu_conv;
-use studio_engine::models::layers::{conv2d, group_norm, normalize};
+use studio_engine::models::layers::{self, conv2d, group_norm, normalize};
 use studio_engine::models::unet::attention::TransformerConfig;
 use studio_engine::models::unet::resnet::ResnetConfig;
 use studio_engine::{Checkpoint, DType, Device, Distribution, FloatDType, Int, Module, Tensor};
@@ -169,6 +170,32 @@ fn split_convolution_products_on_wgpu_match_cpu() {
         error <= HALF_TOLERANCE * scale,
         "f16 split convolution differs from f32 by {error:e} (scale {scale:e})"
     );
+}
+
+#[test]
+fn attention_in_query_blocks_on_wgpu_matches_cpu() {
+    // 2 images × 2 heads × 24 keys: a budget of 10 queries' scores splits 30 queries in 3 blocks.
+    let cpu = Device::flex();
+    let random = |len| Tensor::<3>::random([2, len, 16], burn_distribution(), &cpu);
+    let (q, k, v) = (random(30), random(24), random(24));
+    let expected = values(layers::attention_in_query_blocks(
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        2,
+        false,
+        usize::MAX,
+    ));
+    let gpu = wgpu();
+    let actual = values(layers::attention_in_query_blocks(
+        q.to_device(&gpu),
+        k.to_device(&gpu),
+        v.to_device(&gpu),
+        2,
+        false,
+        10 * 2 * 2 * 24,
+    ));
+    assert_same("attention in query blocks", actual, expected);
 }
 
 fn burn_distribution() -> studio_engine::Distribution {
