@@ -2,7 +2,7 @@
 //!
 //! Each weight becomes a lazy `burn_pack::Tensor` whose bytes are read from the file and widened to
 //! f32 only when the module takes it (then rounded to f16 for a half-precision model), so peak
-//! memory is the model plus one tensor. f32 weights that need no rearranging and stay f32 remain
+//! memory is the model plus one tensor. f16 weights of a half-precision model are taken as they are. f32 weights that need no rearranging and stay f32 remain
 //! where the file is mapped, with no copy. The module tree's names are the
 //! diffusers key names (see `remap.rs` for the few exceptions); [`TorchLayout`] transposes linear
 //! weights and burn-store's `PyTorchToBurnAdapter` renames norm parameters.
@@ -65,7 +65,10 @@ impl WeightSlice {
         self
     }
 
-    fn into_pack_tensor(self) -> Result<PackTensor, String> {
+    /// The weight as a tensor of a model in `precision`: f16 weights stay f16 for a
+    /// half-precision model, everything else is read as f32 (and rounded to f16 later by
+    /// [`TorchLayout`] for a half-precision model).
+    fn into_pack_tensor(self, precision: FloatDType) -> Result<PackTensor, String> {
         if matches!(self.dtype, StoredDtype::Other(_)) {
             return Err(format!(
                 "'{}' is stored as {:?}, but the model needs floating-point weights",
@@ -74,25 +77,41 @@ impl WeightSlice {
         }
         let elements: usize = self.shape.iter().product();
         let (file, dtype, range) = (self.file, self.dtype, self.bytes);
+        let stays_half = dtype == StoredDtype::F16 && precision == FloatDType::F16;
+        let (tensor_dtype, width) = if stays_half {
+            (DType::F16, 2)
+        } else {
+            (DType::F32, 4)
+        };
         Ok(PackTensor::deferred(
             self.name,
-            DType::F32,
+            tensor_dtype,
             self.shape,
             None,
-            elements * 4,
+            elements * width,
             move || {
-                let in_place = dtype == StoredDtype::F32
+                let in_place = (dtype == StoredDtype::F32 || stays_half)
                     && cfg!(target_endian = "little")
-                    && range.start % std::mem::align_of::<f32>() == 0;
+                    && range.start % width == 0;
                 if in_place {
                     return Ok(Bytes::from_shared(
                         file.share(range.clone()),
                         AllocationProperty::File,
                     ));
                 }
-                let floats = widen(dtype, file.bytes(range.clone()));
+                let bytes = file.bytes(range.clone());
+                let copy = if stays_half {
+                    Bytes::from_elems(
+                        bytes
+                            .chunks_exact(2)
+                            .map(|b| half::f16::from_le_bytes([b[0], b[1]]))
+                            .collect(),
+                    )
+                } else {
+                    Bytes::from_elems(widen(dtype, bytes))
+                };
                 file.release(range.clone());
-                Ok(Bytes::from_elems(floats))
+                Ok(copy)
             },
         ))
     }
@@ -167,53 +186,68 @@ fn narrow_to_f16(tensor: PackTensor) -> PackTensor {
     let (name, shape, param_id) = (tensor.name.clone(), tensor.shape.clone(), tensor.param_id);
     PackTensor::deferred(name, DType::F16, shape, param_id, elements * 2, move || {
         let bytes = tensor.to_bytes()?;
-        let floats = f32s(&bytes, &tensor.name)?;
+        let floats = as_elements::<f32>(&bytes, &tensor.name)?;
         let mut halves = vec![half::f16::ZERO; floats.len()];
         halves.convert_from_f32_slice(floats);
         Ok(Bytes::from_elems(halves))
     })
 }
 
-/// [`TorchLayout`]'s rearranging, for weights in f32.
+/// [`TorchLayout`]'s rearranging, for weights in f32 or f16.
 fn burn_layout(tensor: PackTensor, ctx: ModuleContext<'_>) -> PackTensor {
     let linear_weight = ctx.module_type() == Some("Struct:Linear")
         && tensor.name.rsplit('.').next() == Some("weight")
         && tensor.shape.len() == 2
-        && tensor.dtype == DType::F32;
+        && matches!(tensor.dtype, DType::F32 | DType::F16);
     if !linear_weight {
         return PyTorchToBurnAdapter.adapt(tensor, ctx);
     }
     let (rows, cols) = (tensor.shape[0], tensor.shape[1]);
     let (name, param_id, byte_len) = (tensor.name.clone(), tensor.param_id, tensor.byte_len());
+    let dtype = tensor.dtype;
     PackTensor::deferred(
         name,
-        DType::F32,
+        dtype,
         vec![cols, rows],
         param_id,
         byte_len,
         move || {
             let bytes = tensor.to_bytes()?;
-            Ok(Bytes::from_elems(transpose(
-                f32s(&bytes, &tensor.name)?,
-                rows,
-                cols,
-            )))
+            Ok(if dtype == DType::F16 {
+                Bytes::from_elems(transpose(
+                    as_elements::<u16>(&bytes, &tensor.name)?,
+                    rows,
+                    cols,
+                ))
+            } else {
+                Bytes::from_elems(transpose(
+                    as_elements::<f32>(&bytes, &tensor.name)?,
+                    rows,
+                    cols,
+                ))
+            })
         },
     )
 }
 
-/// A weight's bytes as the f32s they hold.
-fn f32s<'a>(bytes: &'a Bytes, name: &str) -> Result<&'a [f32], burn_pack::Error> {
+/// A weight's bytes as the f32s (or f16 bit patterns) they hold.
+fn as_elements<'a, T: bytemuck::Pod>(
+    bytes: &'a Bytes,
+    name: &str,
+) -> Result<&'a [T], burn_pack::Error> {
     bytemuck::try_cast_slice(bytes).map_err(|e| {
-        burn_pack::Error::ValidationError(format!("'{name}' is not an f32 buffer: {e}"))
+        burn_pack::Error::ValidationError(format!(
+            "'{name}' is not a buffer of {}: {e}",
+            std::any::type_name::<T>()
+        ))
     })
 }
 
 /// The `cols × rows` transpose of a row-major `rows × cols` matrix: bands of 16 output rows on
 /// all cores, each filled in 16×16 tiles so that both sides stay in cache.
-fn transpose(matrix: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+fn transpose<T: Copy + Default + Send + Sync>(matrix: &[T], rows: usize, cols: usize) -> Vec<T> {
     const TILE: usize = 16;
-    let mut out = vec![0f32; matrix.len()];
+    let mut out = vec![T::default(); matrix.len()];
     if matrix.is_empty() {
         return out;
     }
@@ -248,7 +282,7 @@ pub fn load_into<M: ModuleSnapshot>(
     };
     let tensors = weights
         .into_iter()
-        .map(WeightSlice::into_pack_tensor)
+        .map(|weight| weight.into_pack_tensor(precision))
         .collect::<Result<Vec<_>, _>>()
         .map_err(mismatch)?;
     // Enum modules (a conv-or-linear projection, TAESD's sequential layers) do not add a
@@ -312,7 +346,10 @@ fn list<'a>(names: impl Iterator<Item = &'a str>) -> String {
 mod tests {
     use std::sync::Arc;
 
-    use super::{WeightSlice, transpose};
+    use burn::nn::LinearConfig;
+    use burn::tensor::{DType, Device, FloatDType};
+
+    use super::{WeightSlice, load_into, transpose};
     use crate::weights::index::WeightFile;
 
     /// Values exact in f16 and bf16, a subnormal-free mix of signs and magnitudes.
@@ -321,25 +358,92 @@ mod tests {
     /// A one-tensor safetensors file `w` holding `data`, whose data section starts at a byte
     /// offset ≡ `misalign` (mod 8) in the file.
     fn file_with(dtype: &str, data: &[u8], misalign: usize) -> Arc<WeightFile> {
-        let mut header = format!(
-            r#"{{"w":{{"dtype":"{dtype}","shape":[{}],"data_offsets":[0,{}]}}}}"#,
-            VALUES.len(),
-            data.len()
-        );
+        let shape = [VALUES.len()];
+        file_of(&[("w", dtype, &shape, data)], misalign)
+    }
+
+    /// A safetensors file of `(key, dtype, shape, data)` tensors, whose data section starts at a
+    /// byte offset ≡ `misalign` (mod 8) in the file.
+    fn file_of(tensors: &[(&str, &str, &[usize], &[u8])], misalign: usize) -> Arc<WeightFile> {
+        let mut entries = Vec::new();
+        let mut data = Vec::new();
+        for (key, dtype, shape, bytes) in tensors {
+            entries.push(format!(
+                r#""{key}":{{"dtype":"{dtype}","shape":{shape:?},"data_offsets":[{},{}]}}"#,
+                data.len(),
+                data.len() + bytes.len()
+            ));
+            data.extend_from_slice(bytes);
+        }
+        let mut header = format!("{{{}}}", entries.join(","));
         while (8 + header.len()) % 8 != misalign {
             header.push(' ');
         }
         let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
         bytes.extend_from_slice(header.as_bytes());
-        bytes.extend_from_slice(data);
+        bytes.extend_from_slice(&data);
         let path = std::env::temp_dir().join(format!(
-            "studio-load-{}-{dtype}-{misalign}.safetensors",
-            std::process::id()
+            "studio-load-{}-{}-{misalign}.safetensors",
+            std::process::id(),
+            tensors
+                .iter()
+                .map(|t| format!("{}{}", t.0, t.1))
+                .collect::<String>()
         ));
         std::fs::write(&path, bytes).unwrap();
         let file = WeightFile::open(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         file
+    }
+
+    #[test]
+    fn half_precision_models_take_f16_weights_as_stored() {
+        // A 3 → 5 linear layer stored as PyTorch stores it, `weight` [5, 3], in f16 and in f32,
+        // read from an aligned and a misaligned position.
+        let weight: Vec<f32> = (0..15).map(|i| (i as f32 - 7.0) * 0.3).collect();
+        let bias: Vec<f32> = (0..5).map(|i| i as f32 * 0.125).collect();
+        let halves = |v: &[f32]| -> Vec<u8> {
+            v.iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect()
+        };
+        let floats = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let device = Device::flex();
+        let load = |dtype: &str, encode: &dyn Fn(&[f32]) -> Vec<u8>, misalign: usize| {
+            let (w, b) = (encode(&weight), encode(&bias));
+            let file = file_of(
+                &[("weight", dtype, &[5, 3], &w), ("bias", dtype, &[5], &b)],
+                misalign,
+            );
+            let slices = ["weight", "bias"]
+                .map(|key| WeightSlice::whole(&file, key, key).unwrap())
+                .to_vec();
+            let mut linear = LinearConfig::new(3, 5).init(&device);
+            load_into(&mut linear, slices, "test".as_ref(), FloatDType::F16).unwrap();
+            linear
+        };
+        // Burn's linear weight is [in, out]: element (i, o) is PyTorch's (o, i).
+        let transposed: Vec<f32> = (0..15).map(|n| weight[(n % 5) * 3 + n / 5]).collect();
+        let rounded = |v: &[f32]| -> Vec<f32> {
+            v.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect()
+        };
+        for (dtype, encode) in [
+            ("F16", &halves as &dyn Fn(&[f32]) -> Vec<u8>),
+            ("F32", &floats),
+        ] {
+            for misalign in [0, 1] {
+                let linear = load(dtype, encode, misalign);
+                let w = linear.weight.val();
+                assert_eq!(w.dtype(), DType::F16, "{dtype} weights at ≡ {misalign}");
+                assert_eq!(w.dims(), [3, 5]);
+                let w: Vec<f32> = w.cast(FloatDType::F32).into_data().try_to_vec().unwrap();
+                assert_eq!(w, rounded(&transposed), "{dtype} weights at ≡ {misalign}");
+                let b = linear.bias.unwrap().val();
+                assert_eq!(b.dtype(), DType::F16);
+                let b: Vec<f32> = b.cast(FloatDType::F32).into_data().try_to_vec().unwrap();
+                assert_eq!(b, rounded(&bias), "{dtype} bias at ≡ {misalign}");
+            }
+        }
     }
 
     #[test]
@@ -374,7 +478,7 @@ mod tests {
                 let file = file_with(dtype, &data, misalign);
                 let bytes = WeightSlice::whole(&file, "w", "w")
                     .unwrap()
-                    .into_pack_tensor()
+                    .into_pack_tensor(FloatDType::F32)
                     .unwrap()
                     .to_bytes()
                     .unwrap();
@@ -383,6 +487,20 @@ mod tests {
                     .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
                     .collect();
                 assert_eq!(floats, VALUES, "{dtype} at offset ≡ {misalign} (mod 8)");
+                // A half-precision model takes f16 bytes as they are.
+                let half = WeightSlice::whole(&file, "w", "w")
+                    .unwrap()
+                    .into_pack_tensor(FloatDType::F16)
+                    .unwrap();
+                let expected = if dtype == "F16" {
+                    DType::F16
+                } else {
+                    DType::F32
+                };
+                assert_eq!(half.dtype, expected, "{dtype} for a half-precision model");
+                if dtype == "F16" {
+                    assert_eq!(&half.to_bytes().unwrap()[..], &data[..]);
+                }
             }
         }
     }
