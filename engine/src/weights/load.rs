@@ -2,8 +2,9 @@
 //!
 //! Each weight becomes a lazy `burn_pack::Tensor` whose bytes are read from the file and widened to
 //! f32 only when the module takes it (then rounded to f16 for a half-precision model), so peak
-//! memory is the model plus one tensor. f16 weights of a half-precision model are taken as they are. f32 weights that need no rearranging and stay f32 remain
-//! where the file is mapped, with no copy. The module tree's names are the
+//! memory is the model plus one tensor. A half-precision model takes f16 weights as they are
+//! stored. f32 weights of an f32 model, and f16 weights of a half-precision one, that need no
+//! rearranging remain where the file is mapped, with no copy. The module tree's names are the
 //! diffusers key names (see `remap.rs` for the few exceptions); [`TorchLayout`] transposes linear
 //! weights and burn-store's `PyTorchToBurnAdapter` renames norm parameters.
 //! Anything missing, left over or mis-shaped is an error that names the keys (burn-store
