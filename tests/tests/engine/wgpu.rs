@@ -23,9 +23,14 @@ fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 }
 
 fn assert_same(what: &str, gpu: Vec<f32>, cpu: Vec<f32>) {
+    assert_within(what, gpu, cpu, 1e-4);
+}
+
+/// `max |gpu - cpu| ≤ tolerance · max |cpu|`.
+fn assert_within(what: &str, gpu: Vec<f32>, cpu: Vec<f32>, tolerance: f32) {
     let (error, scale) = max_error(&gpu, &cpu);
     assert!(
-        error <= 1e-4 * scale,
+        error <= tolerance * scale,
         "{what}: wgpu differs from flex by {error:e} (scale {scale:e})"
     );
 }
@@ -135,11 +140,8 @@ fn half_precision_group_norm_sums_in_f32() {
     let half = x.to_device(&gpu).cast(FloatDType::F16);
     let actual = normalize(&norm.to_device(&gpu), half, None, true);
     assert_eq!(actual.dtype(), DType::F16);
-    let (error, scale) = max_error(&values(actual.cast(FloatDType::F32)), &expected);
-    assert!(
-        error <= HALF_TOLERANCE * scale,
-        "f16 group norm differs from f32 by {error:e} (scale {scale:e})"
-    );
+    let actual = values(actual.cast(FloatDType::F32));
+    assert_within("f16 group norm", actual, expected, HALF_TOLERANCE);
 }
 
 #[test]
@@ -165,11 +167,8 @@ fn split_convolution_products_on_wgpu_match_cpu() {
     half_conv.bias = half_conv.bias.map(|b| b.map(|b| b.cast(FloatDType::F16)));
     let half = gpu_conv::convolve(&half_conv, x.cast(FloatDType::F16), &plan).unwrap();
     assert_eq!(half.dtype(), DType::F16);
-    let (error, scale) = max_error(&values(half.cast(FloatDType::F32)), &expected);
-    assert!(
-        error <= HALF_TOLERANCE * scale,
-        "f16 split convolution differs from f32 by {error:e} (scale {scale:e})"
-    );
+    let half = values(half.cast(FloatDType::F32));
+    assert_within("f16 split convolution", half, expected, HALF_TOLERANCE);
 }
 
 #[test]
