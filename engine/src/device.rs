@@ -125,6 +125,11 @@ fn wgpu_device(name: String) -> Result<ComputeDevice> {
     static RUNTIME: OnceLock<Result<Device, String>> = OnceLock::new();
     let device = RUNTIME
         .get_or_init(|| {
+            #[cfg(feature = "spirv")]
+            {
+                spirv_adapter(hardware_gpu().as_deref())?;
+                keep_compiled_kernels();
+            }
             Device::wgpu_options()
                 .init()
                 .map_err(|e| format!("no usable wgpu adapter: {e}"))
@@ -137,12 +142,44 @@ fn wgpu_device(name: String) -> Result<ComputeDevice> {
     } else {
         "f32"
     };
+    let format = if cfg!(feature = "spirv") {
+        format!("{format}, SPIR-V kernels kept on disk")
+    } else {
+        format.to_string()
+    };
     Ok(ComputeDevice {
         device,
         backend: Backend::Wgpu,
         description: format!("{name}, {format}"),
         precision,
     })
+}
+
+/// Where kernels are SPIR-V, the adapter must be a hardware GPU: software Vulkan (lavapipe)
+/// crashes the process building SPIR-V pipelines, so it is refused with what to do instead.
+#[cfg_attr(not(feature = "spirv"), allow(dead_code))]
+fn spirv_adapter(hardware: Option<&str>) -> std::result::Result<(), String> {
+    match hardware {
+        Some(_) => Ok(()),
+        None => Err(
+            "no hardware GPU found, and this build (the `spirv` feature) cannot run its kernels \
+             on software Vulkan: use the CPU backend, or a build without the `spirv` feature"
+                .into(),
+        ),
+    }
+}
+
+/// With the `spirv` feature CubeCL compiles kernels to SPIR-V, which it can keep on disk (its
+/// `compilation.cache`, in `~/.cache/cubecl`), so only a machine's first launch compiles them.
+/// Everything else comes from the `cubecl.toml` CubeCL itself would read; the cache is turned on
+/// whatever that file says.
+#[cfg(feature = "spirv")]
+fn keep_compiled_kernels() {
+    use burn::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+    config.compilation.cache = true;
+    // `false` when CubeCL has read its configuration already; the one in force then stays.
+    let _ = CubeClRuntimeConfig::try_set(config);
 }
 
 /// The name of the first adapter that is real hardware, if any (GL adapters are never the fast
@@ -165,6 +202,16 @@ fn hardware_gpu() -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spirv_kernels_need_a_hardware_gpu_and_say_what_to_use_instead() {
+        assert!(spirv_adapter(Some("NVIDIA H100 80GB HBM3")).is_ok());
+        let error = spirv_adapter(None).unwrap_err();
+        assert!(
+            error.contains("software Vulkan") && error.contains("CPU backend"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn precision_requests_parse_and_unknown_ones_say_what_to_use() {
