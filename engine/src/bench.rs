@@ -281,7 +281,10 @@ pub fn run(
     report.record(&format!("vae_decode_{side}"), time(device, decode).0);
 
     progress(&format!("TAESD decode at {side}²"));
-    let taesd = TaesdConfig::default().init(device);
+    // Written and read back like a TAESD file, so it is held in the models' format.
+    let taesd_file = config.scratch.join("taesd-random.safetensors");
+    save(&TaesdConfig::default().init(device), &taesd_file, false)?;
+    let taesd = crate::checkpoint::load_taesd(&taesd_file, device, config.precision)?;
     let decode = || taesd.decode(latent.clone()).into_data();
     let _ = time(device, decode);
     report.record(&format!("taesd_decode_{side}"), time(device, decode).0);

@@ -378,8 +378,9 @@ pub fn load_vae(path: &Path, device: &Device) -> Result<AutoencoderKl> {
 }
 
 /// Loads a TAESD (`AutoencoderTiny`): a diffusers folder with `config.json`, or a lone
-/// `.safetensors` of the standard TAESD layout.
-pub fn load_taesd(path: &Path, device: &Device) -> Result<Taesd> {
+/// `.safetensors` of the standard TAESD layout, with its weights in `precision` (the device's,
+/// [`crate::device::ComputeDevice::precision`]).
+pub fn load_taesd(path: &Path, device: &Device, precision: FloatDType) -> Result<Taesd> {
     let (config, file): (TaesdConfig, _) = if path.is_dir() {
         (
             read_json(&path.join("config.json"))?,
@@ -397,7 +398,7 @@ pub fn load_taesd(path: &Path, device: &Device) -> Result<Taesd> {
         .filter_map(|key| WeightSlice::whole(&file, key, key.clone()))
         .collect();
     let mut model = config.init(device);
-    load_into(&mut model, weights, path, FloatDType::F32)?;
+    load_into(&mut model, weights, path, precision)?;
     Ok(model)
 }
 

@@ -263,7 +263,9 @@ impl Worker {
             let models = Checkpoint::open(&path)?
                 .with_precision(device.precision)
                 .load_all(&device.device)?;
-            let taesd = taesd.map(|p| load_taesd(&p, &device.device)).transpose()?;
+            let taesd = taesd
+                .map(|p| load_taesd(&p, &device.device, device.precision))
+                .transpose()?;
             Ok((models, taesd, device.description))
         }));
         match loaded {

@@ -8,10 +8,10 @@ use burn::nn::conv::Conv2d;
 use burn::tensor::activation::relu;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::layers::{conv2d, convolve, convolve_fused};
+use super::layers::{cast, conv2d, convolve, convolve_fused};
 
 /// `config.json` of an `AutoencoderTiny`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -220,7 +220,9 @@ impl Taesd {
     /// latents: [batch, 4, h, w] → [batch, 3, 8h, 8w]
     pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
         let x = latents.div_scalar(3.0).tanh().mul_scalar(3.0);
-        run(&self.decoder.layers, x).mul_scalar(2.0).sub_scalar(1.0)
+        let x = cast(x, self.decoder.dtype());
+        let image = run(&self.decoder.layers, x).mul_scalar(2.0).sub_scalar(1.0);
+        cast(image, DType::F32)
     }
 
     /// An image in [-1, 1] to scaled latents.
@@ -228,6 +230,20 @@ impl Taesd {
     /// # Shapes
     /// image: [batch, 3, h, w] → [batch, 4, h/8, w/8]
     pub fn encode(&self, image: Tensor<4>) -> Tensor<4> {
-        run(&self.encoder.layers, image.add_scalar(1.0).div_scalar(2.0))
+        let x = cast(image.add_scalar(1.0).div_scalar(2.0), self.encoder.dtype());
+        cast(run(&self.encoder.layers, x), DType::F32)
+    }
+}
+
+impl TinyCoder {
+    /// The format of the weights (f16 for a half-precision model), which its input is cast to.
+    fn dtype(&self) -> DType {
+        self.layers
+            .iter()
+            .find_map(|layer| match layer {
+                TinyLayer::Conv(conv) => Some(conv.weight.val().dtype()),
+                _ => None,
+            })
+            .unwrap_or(DType::F32)
     }
 }

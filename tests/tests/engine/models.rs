@@ -3,7 +3,7 @@
 
 use studio_engine::models::vae::AutoencoderKl;
 use studio_engine::noise::TorchRng;
-use studio_engine::{Checkpoint, Device, ModelFamily, Tensor, load_taesd, load_vae};
+use studio_engine::{Checkpoint, Device, FloatDType, ModelFamily, Tensor, load_taesd, load_vae};
 use studio_tests::{Expected, Reference, assert_close, model};
 
 const TOLERANCE: f32 = 1e-4;
@@ -245,7 +245,7 @@ fn whole_checkpoint_loads() {
 fn taesd_decode_and_encode() {
     let device = Device::flex();
     let reference = Reference::load("taesd");
-    let taesd = load_taesd(&model("taesd"), &device).unwrap();
+    let taesd = load_taesd(&model("taesd"), &device, FloatDType::F32).unwrap();
     assert_close(
         "TAESD decode",
         taesd.decode(reference.get("latent").tensor(&device)),

@@ -1,15 +1,18 @@
 //! burn-wgpu computes what the CPU backend computes, on one resnet block, one transformer block, a
-//! convolution with split sums and attention in blocks of queries, and the tiny SD1 fixture in half
-//! precision matches diffusers (tiny shapes: on machines without a GPU wgpu runs on software
+//! convolution with split sums and attention in blocks of queries, and the tiny SD1 fixture and
+//! TAESD in half precision match diffusers (tiny shapes: on machines without a GPU wgpu runs on software
 //! Vulkan, which compiles every new kernel shape slowly). Needs a Vulkan driver:
 //! `scripts/install-deps.sh` installs Mesa's.
 
 use studio_engine::device::{Backend, select};
 use studio_engine::models::gpu_conv;
 use studio_engine::models::layers::{self, conv2d, group_norm, normalize};
+use studio_engine::models::taesd::TinyLayer;
 use studio_engine::models::unet::attention::TransformerConfig;
 use studio_engine::models::unet::resnet::ResnetConfig;
-use studio_engine::{Checkpoint, DType, Device, Distribution, FloatDType, Int, Module, Tensor};
+use studio_engine::{
+    Checkpoint, DType, Device, Distribution, FloatDType, Int, Module, Tensor, load_taesd,
+};
 use studio_tests::{Reference, assert_close, max_error, model};
 
 fn wgpu() -> Device {
@@ -127,6 +130,33 @@ fn half_precision_models_on_wgpu_match_diffusers() {
         .decode(reference.get("vae_latent").tensor::<4>(&gpu));
     let expected = reference.get("vae_decoded");
     assert_close("f16 VAE decode", image, expected, HALF_TOLERANCE);
+}
+
+#[test]
+fn half_precision_taesd_on_wgpu_matches_diffusers() {
+    let gpu = wgpu();
+    let taesd = load_taesd(&model("taesd"), &gpu, FloatDType::F16).unwrap();
+    let weights = match &taesd.decoder.layers[0] {
+        TinyLayer::Conv(conv) => conv.weight.val().dtype(),
+        _ => panic!("TAESD's decoder starts with a convolution"),
+    };
+    assert_eq!(weights, DType::F16, "TAESD weights");
+    let reference = Reference::load("taesd");
+    let decoded = taesd.decode(reference.get("latent").tensor(&gpu));
+    assert_eq!(decoded.dtype(), DType::F32, "TAESD returns f32 images");
+    assert_close(
+        "f16 TAESD decode",
+        decoded,
+        reference.get("decoded"),
+        HALF_TOLERANCE,
+    );
+    let encoded = taesd.encode(reference.get("image").tensor(&gpu));
+    assert_close(
+        "f16 TAESD encode",
+        encoded,
+        reference.get("encoded"),
+        HALF_TOLERANCE,
+    );
 }
 
 #[test]
