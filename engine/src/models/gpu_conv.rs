@@ -86,18 +86,18 @@ pub fn convolve(conv: &Conv2d, x: Tensor<4>, plan: &Plan) -> Option<Tensor<4>> {
                 .slice([0..channels, 0..batch, top..top + rows, 0..out_w])
                 .reshape([channels_in, batch * rows * out_w])
         } else {
-            let windows = (0..kh)
-                .flat_map(|dy| (0..kw).map(move |dx| (dy, dx)))
-                .map(|(dy, dx)| {
-                    x.clone().slice([
-                        0..channels,
-                        0..batch,
-                        top + dy..top + dy + rows,
-                        dx..dx + out_w,
-                    ])
-                })
-                .collect::<Vec<_>>();
-            Tensor::stack::<5>(windows, 1).reshape([channels_in * taps, batch * rows * out_w])
+            // The band's input rows, and their k² windows as a view (`unfold` copies nothing
+            // off the CPU backend): the reshape writes the whole im2col matrix in one pass.
+            let band = if rows == out_h {
+                x.clone()
+            } else {
+                x.clone()
+                    .slice([0..channels, 0..batch, top..top + rows + kh - 1, 0..padded_w])
+            };
+            band.unfold::<5, _>(2, kh, 1) // [channels, batch, rows, padded_w, kh]
+                .unfold::<6, _>(3, kw, 1) // [channels, batch, rows, out_w, kh, kw]
+                .permute([0, 4, 5, 1, 2, 3])
+                .reshape([channels_in * taps, batch * rows * out_w])
         };
         let y = product(weight.clone(), columns, plan);
         let y = match &bias {
