@@ -142,15 +142,15 @@ fn wgpu_device(name: String) -> Result<ComputeDevice> {
     } else {
         "f32"
     };
-    let format = if cfg!(feature = "spirv") {
-        format!("{format}, SPIR-V kernels kept on disk")
+    let kernels = if cfg!(feature = "spirv") {
+        ", SPIR-V kernels kept on disk"
     } else {
-        format.to_string()
+        ""
     };
     Ok(ComputeDevice {
         device,
         backend: Backend::Wgpu,
-        description: format!("{name}, {format}"),
+        description: format!("{name}, {format}{kernels}"),
         precision,
     })
 }

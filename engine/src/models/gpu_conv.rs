@@ -1,10 +1,10 @@
 //! Convolutions and group norms shaped for a GPU's matrix-product and reduction kernels.
 //!
-//! On wgpu, Burn runs a dense k×k convolution as a direct convolution (its faster implicit-GEMM
-//! kernels need cooperative-matrix instructions, which WGSL lacks): on an H100 that reached about
-//! 1 TFLOP/s and took 86% of a UNet step, while the same GPU's matrix product runs at 14 TFLOP/s.
-//! So a convolution here is an im2col product: the input's k² shifted windows stacked into one
-//! matrix (in bands of output rows, so a 512² VAE layer never builds a matrix of gigabytes) and
+//! On wgpu, Burn runs a dense k×k convolution as a direct convolution (without its `autotune`
+//! feature it always picks that kernel, and its faster implicit-GEMM ones need cooperative-matrix
+//! instructions, which WGSL lacks): on an H100 that reached about 1 TFLOP/s and took 86% of a UNet
+//! step, while the same GPU's matrix product runs at 14 TFLOP/s. So a convolution here is an
+//! im2col product: the input's k² shifted windows written out as one matrix (in bands of output rows, so a 512² VAE layer never builds a matrix of gigabytes) and
 //! multiplied by the weights. A GroupNorm reduces over each group's millions of values in one
 //! pass with one workgroup per group, 32 workgroups for a whole GPU; here each image row is
 //! summed first, so the long reduction becomes many short ones.
