@@ -15,7 +15,7 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use super::cpu_gemm::{Dst, Matrix, matmul};
+use super::cpu_gemm::{Dst, Matrix, matmul, product};
 use super::cpu_winograd::{self, Tile};
 
 /// Floats in one band's im2col matrix (4 MiB): large enough for full-rate products, small enough to
@@ -80,14 +80,22 @@ pub struct Operands<'a> {
 /// # Shapes
 /// output: [batch, channels_out, output_size]
 pub fn convolve(output: &mut [f32], mode: Dst, operands: Operands, g: &Geometry) {
-    let method = cpu_winograd::choose(g).map_or(Method::Im2col, Method::Winograd);
+    let [out_h, out_w] = g.output_size();
+    let method = match cpu_winograd::choose(g) {
+        Some(tile) => Method::Winograd(tile),
+        None if g.batch > 1 && g.batch * out_h * out_w <= MERGED_PIXELS => Method::Merged,
+        None => Method::Im2col,
+    };
     convolve_with(output, mode, operands, g, method, BAND_FLOATS);
 }
 
 /// How [`convolve_with`] computes the product.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Method {
+    /// im2col products, one per image and band of rows.
     Im2col,
+    /// One im2col product for the whole batch ([`convolve_merged`]).
+    Merged,
     Winograd(Tile),
 }
 
@@ -145,6 +153,10 @@ fn convolve_with(
         mode = Dst::Accumulate;
     }
     let weights = Matrix::new(weight, g.channels_out, depth, depth);
+    if method == Method::Merged {
+        convolve_merged(output, mode, input, weights, g);
+        return;
+    }
     let band_rows = if g.is_pointwise() {
         out_h
     } else {
@@ -169,7 +181,7 @@ fn convolve_with(
                 columns
                     .par_chunks_mut(taps * pixels)
                     .zip(image.par_chunks_exact(plane_in))
-                    .for_each(|(columns, plane)| im2col(columns, plane, g, top, rows));
+                    .for_each(|(columns, plane)| im2col(columns, pixels, 0, plane, g, top, rows));
                 Matrix::new(columns, depth, pixels, pixels)
             };
             matmul(
@@ -185,10 +197,59 @@ fn convolve_with(
     }
 }
 
+/// Output pixels of a whole batch up to which its images share one product ([`Method::Merged`]).
+const MERGED_PIXELS: usize = 512;
+
+/// The im2col path for small maps (the UNet's 8² convolutions and 16² shortcuts, with 1280 to 2560
+/// channels): one product for the whole batch, the images' im2col matrices side by side, instead
+/// of one per image and band of rows. The weights, up to 2560 · 9 · 1280 floats, are read and
+/// packed once for the batch, and no product is left a few dozen columns wide (an 8² image with
+/// 2560 input channels took two bands, of 40 and 24 pixels). Measured side by side in UNet steps,
+/// the 2560-channel 8² convolutions took 15–40% less time; the others moved within the noise.
+/// The result is added (or, with `Dst::Overwrite`, copied) into each image's output channels.
+fn convolve_merged(output: &mut [f32], mode: Dst, input: &[f32], weights: Matrix, g: &Geometry) {
+    let [out_h, out_w] = g.output_size();
+    let (plane_in, plane_out) = (g.height * g.width, out_h * out_w);
+    let taps = g.kernel * g.kernel;
+    let columns_len = g.batch * plane_out;
+    let mut columns = vec![0f32; weights.cols * columns_len];
+    columns
+        .par_chunks_mut(taps * columns_len)
+        .enumerate()
+        .for_each(|(channel, columns)| {
+            for image in 0..g.batch {
+                let plane = &input[(image * g.channels_in + channel) * plane_in..][..plane_in];
+                im2col(columns, columns_len, image * plane_out, plane, g, 0, out_h);
+            }
+        });
+    let columns = Matrix::new(&columns, weights.cols, columns_len, columns_len);
+    let product = product(weights, columns, 1.0, true);
+    output
+        .par_chunks_mut(plane_out)
+        .enumerate()
+        .for_each(|(i, plane)| {
+            let (image, channel) = (i / g.channels_out, i % g.channels_out);
+            let result = &product[channel * columns_len + image * plane_out..][..plane_out];
+            match mode {
+                Dst::Accumulate => plane.iter_mut().zip(result).for_each(|(x, r)| *x += r),
+                Dst::Overwrite => plane.copy_from_slice(result),
+            }
+        });
+}
+
 /// One input channel's `kernel²` rows of the im2col matrix for output rows `top..top + rows`: row
 /// (ky, kx) holds, for every output pixel (y, x), the input at (y + ky − p, x + kx − p) in the
-/// (possibly upsampled) input, or 0 outside it.
-fn im2col(columns: &mut [f32], plane: &[f32], g: &Geometry, top: usize, rows: usize) {
+/// (possibly upsampled) input, or 0 outside it. The rows are `row_stride` apart in `columns`, and
+/// each starts `offset` into its row (where several images share the rows).
+fn im2col(
+    columns: &mut [f32],
+    row_stride: usize,
+    offset: usize,
+    plane: &[f32],
+    g: &Geometry,
+    top: usize,
+    rows: usize,
+) {
     let s = g.scale();
     let [_, out_w] = g.output_size();
     let (in_h, in_w) = (g.height * s, g.width * s);
@@ -196,7 +257,7 @@ fn im2col(columns: &mut [f32], plane: &[f32], g: &Geometry, top: usize, rows: us
     let pixels = rows * out_w;
     for ky in 0..g.kernel {
         for kx in 0..g.kernel {
-            let row = &mut columns[(ky * g.kernel + kx) * pixels..][..pixels];
+            let row = &mut columns[(ky * g.kernel + kx) * row_stride + offset..][..pixels];
             // Output columns whose input column kx + x − p lies inside the input.
             let lo = p.saturating_sub(kx).min(out_w);
             let hi = (in_w + p).saturating_sub(kx).clamp(lo, out_w);
@@ -336,6 +397,9 @@ mod tests {
             (1, 128, 128, 17, 32, 3, 1, true, true, true),
             (1, 64, 64, 64, 70, 3, 1, false, true, true),
             (1, 96, 64, 33, 32, 3, 1, true, true, false),
+            // Small maps of a batch share one product (merged im2col).
+            (3, 4, 5, 5, 6, 3, 1, true, true, true),
+            (2, 40, 24, 8, 8, 3, 1, false, false, false),
         ] {
             let x = Tensor::<4>::random([batch, c_in, h, w], n, &device);
             let weight = Tensor::<4>::random([c_out, c_in, k, k], n, &device);
@@ -392,7 +456,8 @@ mod tests {
     }
 
     /// Every output is the sum of its 3×3 neighbourhood over both channels, whether the rows are
-    /// computed in bands of one, of two (a short last band), or all at once.
+    /// computed in bands of one, of two (a short last band), or all at once, and whether each
+    /// image has its own products or both images share one.
     #[test]
     fn bands_of_any_height_give_the_same_sums() {
         let g = Geometry {
@@ -414,21 +479,19 @@ mod tests {
             }
         };
         let depth_row = 18 * 4;
-        for band_floats in [1, 2 * depth_row, 100 * depth_row] {
+        for (method, band_floats) in [
+            (Method::Im2col, 1),
+            (Method::Im2col, 2 * depth_row),
+            (Method::Im2col, 100 * depth_row),
+            (Method::Merged, 1),
+        ] {
             let mut out = vec![0.0; 40];
             let operands = Operands {
                 input: &input,
                 weight: &[1.0; 18],
                 bias: None,
             };
-            convolve_with(
-                &mut out,
-                Dst::Overwrite,
-                operands,
-                &g,
-                Method::Im2col,
-                band_floats,
-            );
+            convolve_with(&mut out, Dst::Overwrite, operands, &g, method, band_floats);
             for b in 0..2 {
                 for y in 0..5isize {
                     for x in 0..4isize {
