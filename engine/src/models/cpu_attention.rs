@@ -1,7 +1,8 @@
 //! Scaled dot-product attention for the CPU backend, one tile of 16 queries and one head at a time:
 //! the tile's scores against every key, their softmax, and the values they weight, all while the
 //! tile's scores (16 per key: 256 KiB for 4096 keys) stay in the core's L2 cache, so 64×64 latents
-//! never hold a 4096×4096 score matrix in memory.
+//! never hold a 4096×4096 score matrix in memory. Where a head's keys outgrow the L2 cache (the
+//! VAE's), a group of up to 8 tiles reads each panel of keys and values together.
 //!
 //! The scores are kept transposed, a key per row and a query per lane, so the softmax runs down
 //! vector lanes and both products are the same register-blocked kernel: a panel of 5 or 6 rows
@@ -11,10 +12,10 @@
 //!
 //! Measured side by side in one process on two cores, against two `gemm`-crate products per block
 //! of 256 queries (whose 4 MiB of scores live in the L3 cache, and whose keys and values the crate
-//! packs again for every block): 0.86–0.93× the time on Stable Diffusion 1.5's 64² self-attention
-//! (CFG batch, 8 heads of 40 channels; 142 against 126 GFLOP/s in the fastest run), and the same
-//! time, within the noise, at 32² and on the VAE's single 512-channel head. The softmax's
-//! exponentials are the rest: about a sixth of the time at 64², where a head has only 40
+//! packs again for every block): 0.80–0.89× the time on Stable Diffusion 1.5's 64² self-attention
+//! (CFG batch, 8 heads of 40 channels), the same time within the noise at 32², and 1.04–1.07× on
+//! the VAE's single 512-channel head at 64², whose 8 MiB of keys a group of tiles reads together.
+//! The softmax's exponentials take about a sixth of the time at 64², where a head has only 40
 //! multiply-adds per score in each product. Burn's fused CPU kernel reaches about a third of the
 //! machine's matrix-multiply rate there.
 
@@ -28,9 +29,15 @@ use super::cpu_gemm::{mul_add, vectorized};
 const TILE: usize = 16;
 /// Keys per panel of the score product.
 const KEYS: usize = 6;
-/// Tiles of one task, which run head by head so each head's keys and values are read from the L2
-/// cache by the task's later tiles.
-const TILES_PER_TASK: usize = 4;
+/// Tasks per thread: a task's tiles run head by head, so each head's keys and values (640 KiB at
+/// 64²) are read from the L2 cache by all but the first of them. Fewer, longer tasks measured
+/// faster: 4 tiles per task took 8–10% longer at 64² than 64 or more.
+const TASKS_PER_THREAD: usize = 4;
+
+/// Bytes of a head's keys per tile of a group ([`attend`]).
+const GROUP_KEY_BYTES: usize = 1 << 20;
+/// The most tiles in a group.
+const MAX_GROUP: usize = 8;
 
 /// One value per query of a tile.
 type Lanes = [f32; TILE];
@@ -72,42 +79,58 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tens
     let padded_keys = len_kv.next_multiple_of(KEYS);
     let padded_dv = dv.next_multiple_of(per_panel);
 
+    // Tiles that read each panel of keys and values together: one where a head's keys fit in the
+    // L2 cache with room to spare, more where they do not (the VAE's 512-channel head: 8 MiB of
+    // keys at 64²), so they are not read from memory again for every 16 queries.
+    let group = (padded_keys * d * 4 / GROUP_KEY_BYTES).clamp(1, MAX_GROUP);
+    let tiles = batch * len_q.div_ceil(TILE);
+    let tiles_per_task = tiles
+        .div_ceil(TASKS_PER_THREAD * rayon::current_num_threads())
+        .max(1);
     let mut out = vec![0f32; batch * len_q * width_v];
     out.par_chunks_mut(len_q * width_v)
         .zip(q.par_chunks(len_q * width))
         .enumerate()
         .for_each(|(b, (out, q))| {
-            out.par_chunks_mut(TILES_PER_TASK * TILE * width_v)
-                .zip(q.par_chunks(TILES_PER_TASK * TILE * width))
+            out.par_chunks_mut(tiles_per_task * TILE * width_v)
+                .zip(q.par_chunks(tiles_per_task * TILE * width))
                 .for_each(|(out, q)| {
-                    let mut queries = vec![[0f32; TILE]; d];
-                    let mut scores = vec![[0f32; TILE]; padded_keys];
-                    let mut result = vec![[0f32; TILE]; padded_dv];
+                    let mut queries = vec![[0f32; TILE]; group * d];
+                    let mut scores = vec![[0f32; TILE]; group * padded_keys];
+                    let mut result = vec![[0f32; TILE]; group * padded_dv];
                     for head in 0..heads {
                         let keys =
                             &key_panels[(b * heads + head) * padded_keys * d..][..padded_keys * d];
                         let values = &value_panels[(b * heads + head) * padded_dv * len_kv..]
                             [..padded_dv * len_kv];
-                        for (out, q) in out.chunks_mut(TILE * width_v).zip(q.chunks(TILE * width)) {
-                            // The tile's queries, one channel per row, scaled by 1/√d.
-                            for (c, lanes) in queries.iter_mut().enumerate() {
-                                lanes.fill(0.0);
-                                for (lane, row) in lanes.iter_mut().zip(q.chunks(width)) {
-                                    *lane = row[head * d + c] * scale;
+                        let (out_group, q_group) = (group * TILE * width_v, group * TILE * width);
+                        for (out, q) in out.chunks_mut(out_group).zip(q.chunks(q_group)) {
+                            // Each tile's queries, one channel per row, scaled by 1/√d.
+                            let tiles = q.len().div_ceil(TILE * width);
+                            for (queries, q) in queries.chunks_mut(d).zip(q.chunks(TILE * width)) {
+                                for (c, lanes) in queries.iter_mut().enumerate() {
+                                    lanes.fill(0.0);
+                                    for (lane, row) in lanes.iter_mut().zip(q.chunks(width)) {
+                                        *lane = row[head * d + c] * scale;
+                                    }
                                 }
                             }
                             attend(
-                                &queries,
+                                &queries[..tiles * d],
                                 keys,
                                 values,
                                 len_kv,
                                 per_panel,
-                                &mut scores,
-                                &mut result,
+                                &mut scores[..tiles * padded_keys],
+                                &mut result[..tiles * padded_dv],
                             );
-                            for (l, row) in out.chunks_mut(width_v).enumerate() {
-                                for (x, lanes) in row[head * dv..][..dv].iter_mut().zip(&result) {
-                                    *x = lanes[l];
+                            let tile_rows = out.chunks_mut(TILE * width_v);
+                            for (out, result) in tile_rows.zip(result.chunks(padded_dv)) {
+                                for (l, row) in out.chunks_mut(width_v).enumerate() {
+                                    let row = &mut row[head * dv..][..dv];
+                                    for (x, lanes) in row.iter_mut().zip(result) {
+                                        *x = lanes[l];
+                                    }
                                 }
                             }
                         }
@@ -190,57 +213,69 @@ fn panel_product<const M: usize, const FMA: bool>(
 /// every panel of values reads them.
 const KEY_BLOCK: usize = 256;
 
-/// The output of one tile and head (`result`, one value channel per row): the softmax of the
-/// scores, `e^(s − max)` over its sum, weighting the values, `Σ_key p[key][l] · v[key][c]`. A block
-/// of keys is exponentiated in place and then read by every panel of values while it is in the L1
-/// cache.
+/// The output of a group of tiles for one head (`result`, for each tile one value channel per
+/// row): the softmax of the scores, `e^(s − max)` over its sum, weighting the values,
+/// `Σ_key p[key][l] · v[key][c]`. A block of keys is exponentiated in place and then read by every
+/// panel of values while it is in the L1 cache (L2 for a group), and each block of a panel of values
+/// is read by every tile of the group while it is in L1.
 #[inline(always)]
 fn weigh<const M: usize, const FMA: bool>(
     values: &[f32],
+    len_kv: usize,
     scores: &mut [Lanes],
-    max: &Lanes,
+    max: &[Lanes; MAX_GROUP],
     result: &mut [Lanes],
 ) {
-    let keys = scores.len();
-    let (result, _) = result.as_chunks_mut::<M>();
-    result.fill([[0.0; TILE]; M]);
+    let tiles = scores.len().div_ceil(len_kv.next_multiple_of(KEYS));
+    let (padded_keys, padded_dv) = (scores.len() / tiles, result.len() / tiles);
+    result.fill([0.0; TILE]);
     // Two sums per lane, alternate keys, so no lane adds thousands of terms in one chain.
-    let mut sums = [[0f32; TILE]; 2];
-    for (b, block) in scores.chunks_mut(KEY_BLOCK).enumerate() {
-        let (pairs, last) = block.as_chunks_mut::<2>();
-        for pair in pairs {
-            for (row, sum) in pair.iter_mut().zip(&mut sums) {
+    let mut sums = [[[0f32; TILE]; 2]; MAX_GROUP];
+    for start in (0..len_kv).step_by(KEY_BLOCK) {
+        let keys = KEY_BLOCK.min(len_kv - start);
+        for (g, scores) in scores.chunks_mut(padded_keys).enumerate() {
+            let (pairs, last) = scores[start..][..keys].as_chunks_mut::<2>();
+            for pair in pairs {
+                for (row, sum) in pair.iter_mut().zip(&mut sums[g]) {
+                    for l in 0..TILE {
+                        row[l] = exp::<FMA>(row[l] - max[g][l]);
+                        sum[l] += row[l];
+                    }
+                }
+            }
+            for row in last {
                 for l in 0..TILE {
-                    row[l] = exp::<FMA>(row[l] - max[l]);
-                    sum[l] += row[l];
+                    row[l] = exp::<FMA>(row[l] - max[g][l]);
+                    sums[g][0][l] += row[l];
                 }
             }
         }
-        for row in last {
-            for l in 0..TILE {
-                row[l] = exp::<FMA>(row[l] - max[l]);
-                sums[0][l] += row[l];
+        for (p, panel) in values.chunks_exact(len_kv * M).enumerate() {
+            let panel = &panel[start * M..][..keys * M];
+            for (scores, result) in scores.chunks(padded_keys).zip(result.chunks_mut(padded_dv)) {
+                let rows: &mut [Lanes; M] = (&mut result[p * M..][..M]).try_into().unwrap();
+                *rows = panel_product::<M, FMA>(panel, &scores[start..][..keys], *rows);
             }
         }
-        let start = b * KEY_BLOCK;
-        for (panel, rows) in values.chunks_exact(keys * M).zip(result.iter_mut()) {
-            *rows = panel_product::<M, FMA>(&panel[start * M..][..block.len() * M], block, *rows);
-        }
     }
-    let mut inverse = [0f32; TILE];
-    for l in 0..TILE {
-        inverse[l] = 1.0 / (sums[0][l] + sums[1][l]);
-    }
-    for row in result.as_flattened_mut() {
+    for (result, sums) in result.chunks_mut(padded_dv).zip(&sums) {
+        let mut inverse = [0f32; TILE];
         for l in 0..TILE {
-            row[l] *= inverse[l];
+            inverse[l] = 1.0 / (sums[0][l] + sums[1][l]);
+        }
+        for row in result {
+            for l in 0..TILE {
+                row[l] *= inverse[l];
+            }
         }
     }
 }
 
 vectorized! {
-    /// One tile and head: the scores of `queries` (one channel per row, already scaled) against
-    /// every key, their softmax down each lane, and the values they weight into `result`.
+    /// One head for a group of tiles: the scores of each tile's `queries` (one channel per row,
+    /// already scaled; tile after tile) against every key, their softmax down each lane, and the
+    /// values they weight into `result` (tile after tile). Each panel of keys is read by every tile
+    /// of the group while it is in the L1 cache.
     fn attend(
         queries: &[Lanes],
         keys: &[f32],
@@ -250,27 +285,29 @@ vectorized! {
         scores: &mut [Lanes],
         result: &mut [Lanes],
     ) {
-        let d = queries.len();
-        let mut max = [f32::NEG_INFINITY; TILE];
-        for (p, (panel, rows)) in keys
-            .chunks_exact(d * KEYS)
-            .zip(scores.chunks_exact_mut(KEYS))
-            .enumerate()
-        {
-            let acc = panel_product::<KEYS, FMA>(panel, queries, [[0.0; TILE]; KEYS]);
+        let padded_keys = len_kv.next_multiple_of(KEYS);
+        let tiles = scores.len() / padded_keys;
+        let d = queries.len() / tiles;
+        let mut max = [[f32::NEG_INFINITY; TILE]; MAX_GROUP];
+        for (p, panel) in keys.chunks_exact(d * KEYS).enumerate() {
             // The last panel's rows past the last key are padding, not scores.
-            for row in &acc[..KEYS.min(len_kv - p * KEYS)] {
-                for l in 0..TILE {
-                    max[l] = if row[l] > max[l] { row[l] } else { max[l] };
+            let real = KEYS.min(len_kv - p * KEYS);
+            for ((queries, scores), max) in
+                queries.chunks(d).zip(scores.chunks_mut(padded_keys)).zip(&mut max)
+            {
+                let acc = panel_product::<KEYS, FMA>(panel, queries, [[0.0; TILE]; KEYS]);
+                for row in &acc[..real] {
+                    for l in 0..TILE {
+                        max[l] = if row[l] > max[l] { row[l] } else { max[l] };
+                    }
                 }
+                scores[p * KEYS..][..KEYS].copy_from_slice(&acc);
             }
-            rows.copy_from_slice(&acc);
         }
-        let scores = &mut scores[..len_kv];
         if per_panel == 5 {
-            weigh::<5, FMA>(values, scores, &max, result);
+            weigh::<5, FMA>(values, len_kv, scores, &max, result);
         } else {
-            weigh::<KEYS, FMA>(values, scores, &max, result);
+            weigh::<KEYS, FMA>(values, len_kv, scores, &max, result);
         }
     }
 }
@@ -310,11 +347,13 @@ mod tests {
     fn matches_burns_attention() {
         // Uneven sizes: partial tiles of queries, keys ≠ queries and not a whole number of
         // panels, value width ≠ key width; value panels of 6 channels (24) and of 5 (40, as in
-        // Stable Diffusion 1.5); a thousand keys, whose softmax sums run long.
+        // Stable Diffusion 1.5); a thousand keys, whose softmax sums run long; keys too large for
+        // one tile at a time (2.2 MB a head: groups of two tiles, the last group of one).
         for (batch, heads, len_q, len_kv, d, dv) in [
             (2, 3, 300, 77, 16, 24),
             (1, 2, 37, 1000, 40, 40),
             (2, 1, 5, 3, 8, 10),
+            (1, 2, 70, 900, 600, 30),
         ] {
             let device = Device::flex();
             let n = Distribution::Normal(0.0, 1.5);
