@@ -1,6 +1,7 @@
 //! `studio bench`: speed and memory at Stable Diffusion 1.5's real sizes (random weights), printed
 //! as a table and one JSON line; `--compare OURS TORCH` prints the ratio to diffusers' figures from
-//! `tools/reference/bench_torch.py`; `--frames` measures the studio's UI frame time while the engine
+//! `tools/reference/bench_torch.py`; `--best-of OUT FILES…` keeps each measurement's best over
+//! several runs' JSON files, for machines whose speed moves between runs; `--frames` measures the studio's UI frame time while the engine
 //! generates, and while painting a mask on a 2048² canvas.
 
 use std::collections::BTreeMap;
@@ -42,6 +43,10 @@ pub struct BenchArgs {
     /// Print ours/torch ratios from two JSON result files instead of measuring.
     #[arg(long, num_args = 2, value_names = ["OURS", "TORCH"])]
     pub compare: Option<Vec<PathBuf>>,
+    /// Write to OUT each measurement's best over the JSON result files that follow (the shortest
+    /// time, the least memory, the highest rate), instead of measuring.
+    #[arg(long, num_args = 2.., value_names = ["OUT", "FILES"])]
+    pub best_of: Option<Vec<PathBuf>>,
 }
 
 pub fn bench(args: BenchArgs) -> ExitCode {
@@ -66,6 +71,9 @@ fn release_freed_memory() {
 fn run_bench(args: &BenchArgs) -> Result<()> {
     if let Some(files) = &args.compare {
         return compare(&files[0], &files[1]);
+    }
+    if let Some([out, files @ ..]) = args.best_of.as_deref() {
+        return best_of(out, files);
     }
     let device = select(args.backend)?;
     let scratch = args
@@ -164,15 +172,60 @@ fn print_table(report: &Report) {
     }
 }
 
+/// A result file: its whole JSON, and its measurements.
+fn read_results(path: &Path) -> Result<(serde_json::Value, BTreeMap<String, f64>)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let results = serde_json::from_value(value["results"].clone())
+        .with_context(|| format!("{} has no benchmark results", path.display()))?;
+    Ok((value, results))
+}
+
+/// Each measurement's best over several runs, for those every run has: the highest rate (names
+/// ending in `gflops`), otherwise the lowest (times and memory).
+fn best(runs: &[BTreeMap<String, f64>]) -> BTreeMap<String, f64> {
+    let Some((first, rest)) = runs.split_first() else {
+        return BTreeMap::new();
+    };
+    first
+        .iter()
+        .filter_map(|(name, &value)| {
+            let higher_is_better = name.ends_with("gflops");
+            rest.iter()
+                .try_fold(value, |best, run| {
+                    let value = *run.get(name)?;
+                    Some(if higher_is_better == (value > best) {
+                        value
+                    } else {
+                        best
+                    })
+                })
+                .map(|best| (name.clone(), best))
+        })
+        .collect()
+}
+
+/// `--best-of`: the first file's description with [`best`] of every file's results, written to
+/// `out` and printed.
+fn best_of(out: &Path, files: &[PathBuf]) -> Result<()> {
+    let runs = files
+        .iter()
+        .map(|path| read_results(path))
+        .collect::<Result<Vec<_>>>()?;
+    let (mut value, _) = runs[0].clone();
+    let results: Vec<_> = runs.into_iter().map(|(_, results)| results).collect();
+    value["results"] = serde_json::to_value(best(&results))?;
+    value["runs"] = files.len().into();
+    let json = serde_json::to_string(&value)?;
+    println!("{json}");
+    std::fs::write(out, json).with_context(|| format!("cannot write {}", out.display()))
+}
+
 /// Ours / torch for every measurement both files have.
 fn compare(ours: &Path, torch: &Path) -> Result<()> {
-    let read = |path: &Path| -> Result<BTreeMap<String, f64>> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let value: serde_json::Value = serde_json::from_str(&text)?;
-        Ok(serde_json::from_value(value["results"].clone())?)
-    };
-    let (ours, torch) = (read(ours)?, read(torch)?);
+    let ((_, ours), (_, torch)) = (read_results(ours)?, read_results(torch)?);
     println!(
         "{:<28} {:>12} {:>12} {:>14}",
         "measurement", "ours", "torch", "ours / torch"
@@ -322,5 +375,37 @@ impl crate::dialogs::Dialogs for NoDialogs {
     fn open(&mut self, _: crate::dialogs::Purpose, _: Option<String>) {}
     fn poll(&mut self) -> Vec<(crate::dialogs::Purpose, Option<PathBuf>)> {
         Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn best_keeps_the_fastest_time_and_the_highest_rate() {
+        let run = |step: f64, rate: f64, extra: bool| {
+            let mut r = BTreeMap::from([
+                ("unet_step_512".to_string(), step),
+                ("matmul_gflops".to_string(), rate),
+                ("generate_512_peak_rss_bytes".to_string(), step * 1e9),
+            ]);
+            if extra {
+                r.insert("text_encode".into(), 1.0);
+            }
+            r
+        };
+        let merged = best(&[
+            run(9.0, 150.0, true),
+            run(8.0, 140.0, false),
+            run(10.0, 170.0, true),
+        ]);
+        assert_eq!(merged["unet_step_512"], 8.0);
+        assert_eq!(merged["matmul_gflops"], 170.0);
+        assert_eq!(merged["generate_512_peak_rss_bytes"], 8e9);
+        // Only what every run measured.
+        assert!(!merged.contains_key("text_encode"));
+        assert_eq!(merged.len(), 3);
+        assert!(best(&[]).is_empty());
     }
 }
