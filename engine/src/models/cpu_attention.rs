@@ -106,7 +106,7 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tens
                         let (out_group, q_group) = (group * TILE * width_v, group * TILE * width);
                         for (out, q) in out.chunks_mut(out_group).zip(q.chunks(q_group)) {
                             // Each tile's queries, one channel per row, scaled by 1/√d.
-                            let tiles = q.len().div_ceil(TILE * width);
+                            let in_group = q.len().div_ceil(TILE * width);
                             for (queries, q) in queries.chunks_mut(d).zip(q.chunks(TILE * width)) {
                                 for (c, lanes) in queries.iter_mut().enumerate() {
                                     lanes.fill(0.0);
@@ -116,13 +116,13 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tens
                                 }
                             }
                             attend(
-                                &queries[..tiles * d],
+                                &queries[..in_group * d],
                                 keys,
                                 values,
                                 len_kv,
                                 per_panel,
-                                &mut scores[..tiles * padded_keys],
-                                &mut result[..tiles * padded_dv],
+                                &mut scores[..in_group * padded_keys],
+                                &mut result[..in_group * padded_dv],
                             );
                             let tile_rows = out.chunks_mut(TILE * width_v);
                             for (out, result) in tile_rows.zip(result.chunks(padded_dv)) {
@@ -226,7 +226,7 @@ fn weigh<const M: usize, const FMA: bool>(
     max: &[Lanes; MAX_GROUP],
     result: &mut [Lanes],
 ) {
-    let tiles = scores.len().div_ceil(len_kv.next_multiple_of(KEYS));
+    let tiles = scores.len() / len_kv.next_multiple_of(KEYS);
     let (padded_keys, padded_dv) = (scores.len() / tiles, result.len() / tiles);
     result.fill([0.0; TILE]);
     // Two sums per lane, alternate keys, so no lane adds thousands of terms in one chain.
