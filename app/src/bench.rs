@@ -1,8 +1,8 @@
 //! `studio bench`: speed and memory at Stable Diffusion 1.5's real sizes (random weights), printed
 //! as a table and one JSON line; `--compare OURS TORCH` prints the ratio to diffusers' figures from
 //! `tools/reference/bench_torch.py`; `--best-of OUT FILES…` keeps each measurement's best over
-//! several runs' JSON files, for machines whose speed moves between runs; `--frames` measures the studio's UI frame time while the engine
-//! generates, and while painting a mask on a 2048² canvas.
+//! several runs' JSON files, for machines whose speed moves between runs; `--frames` measures the
+//! studio's UI frame time while the engine generates, and while painting a mask on a 2048² canvas.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -210,12 +210,16 @@ fn best(runs: &[BTreeMap<String, f64>]) -> BTreeMap<String, f64> {
 /// `--best-of`: the first file's description with [`best`] of every file's results, written to
 /// `out` and printed.
 fn best_of(out: &Path, files: &[PathBuf]) -> Result<()> {
-    let runs = files
+    let (values, results): (Vec<_>, Vec<_>) = files
         .iter()
         .map(|path| read_results(path))
-        .collect::<Result<Vec<_>>>()?;
-    let (mut value, _) = runs[0].clone();
-    let results: Vec<_> = runs.into_iter().map(|(_, results)| results).collect();
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
+    let mut value = values
+        .into_iter()
+        .next()
+        .expect("clap asks for at least one file");
     value["results"] = serde_json::to_value(best(&results))?;
     value["runs"] = files.len().into();
     let json = serde_json::to_string(&value)?;
