@@ -8,6 +8,7 @@ use burn::tensor::activation::{gelu, sigmoid};
 use burn::tensor::{DType, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::cpu_activation;
 use super::layers::{cast, layer_norm, layer_normalize, linear, multi_head_attention, project};
 
 /// The MLP activation: SD1's CLIP uses quick GELU, OpenCLIP exact GELU.
@@ -151,11 +152,12 @@ impl ClipEncoderLayer {
             true,
         );
         let x = project(&attn.out_proj, h, Some(x));
-        let h = project(
-            &self.mlp.fc1,
-            layer_normalize(&self.layer_norm2, x.clone()),
-            None,
-        );
+        let h = layer_normalize(&self.layer_norm2, x.clone());
+        let mlp = &self.mlp;
+        if cpu_activation::mlp_applies(&mlp.fc1, &mlp.fc2, &h) {
+            return cpu_activation::mlp(&mlp.fc1, &mlp.fc2, mlp.activation, h, x);
+        }
+        let h = project(&mlp.fc1, h, None);
         let h = match self.mlp.activation {
             ClipActivation::QuickGelu => h.clone() * sigmoid(h.mul_scalar(1.702)),
             ClipActivation::Gelu => gelu(h),

@@ -1,12 +1,16 @@
-//! The GEGLU feed-forward of the UNet's transformer blocks, `out(hidden · gelu(gate))` with the
-//! exact (erf) GELU, for the CPU backend: the GELU runs in place on the projection's rows and the
-//! output layer reads the result where it lies. Burn computes it as a chunk, a GELU that calls the
-//! scalar `erff` for every element, and a product, three passes that write new tensors.
+//! The feed-forward layers of the UNet's transformer blocks and of the CLIP text encoder for the
+//! CPU backend: the UNet's GEGLU, `out(hidden · gelu(gate))` with the exact (erf) GELU, and CLIP's
+//! MLP, `fc2(act(fc1(x)))` with QuickGELU (`x · σ(1.702 x)`) or GELU. The activation runs in place on
+//! the first layer's rows, adding its bias as it reads, and the second layer reads the result where
+//! it lies. Burn computes the GEGLU as a chunk, a GELU that calls the scalar `erff` for every
+//! element, and a product, and QuickGELU as a scaling, a sigmoid that calls the scalar `expf` and a
+//! product: passes that each write a new tensor.
 
 use burn::nn::Linear;
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
+use super::clip::ClipActivation;
 use super::cpu_attention::exp;
 use super::cpu_conv::flex;
 use super::cpu_gemm::{Matrix, mul_add, product, vectorized};
@@ -29,6 +33,31 @@ fn erf<const FMA: bool>(x: f32) -> f32 {
 #[inline(always)]
 fn gelu<const FMA: bool>(x: f32) -> f32 {
     0.5 * x * (1.0 + erf::<FMA>(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// σ(z) = 1 / (1 + e⁻ᶻ), from e^(−|z|) so that the exponential never overflows.
+#[inline(always)]
+fn sigmoid<const FMA: bool>(z: f32) -> f32 {
+    let e = exp::<FMA>(-z.abs());
+    let r = 1.0 / (1.0 + e);
+    if z >= 0.0 { r } else { e * r }
+}
+
+vectorized! {
+    /// One row of a CLIP MLP's first layer before its bias: `row ← act(row + bias)`, in place,
+    /// with QuickGELU (`quick`) or the exact GELU.
+    fn activate_row(row: &mut [f32], bias: &[f32], quick: bool) {
+        if quick {
+            for (x, &b) in row.iter_mut().zip(bias) {
+                let y = *x + b;
+                *x = y * sigmoid::<FMA>(1.702 * y);
+            }
+        } else {
+            for (x, &b) in row.iter_mut().zip(bias) {
+                *x = gelu::<FMA>(*x + b);
+            }
+        }
+    }
 }
 
 vectorized! {
@@ -79,10 +108,57 @@ pub fn feed_forward(proj: &Linear, out: &Linear, x: Tensor<3>, residual: Tensor<
     cpu_linear::apply(out, hidden, residual.dims(), Some(residual))
 }
 
+/// Whether [`mlp`] can compute `fc2(act(fc1(x)))`: `x` and both layers f32 on the CPU backend.
+pub fn mlp_applies(fc1: &Linear, fc2: &Linear, x: &Tensor<3>) -> bool {
+    let ([_, inner], [inputs, _]) = (fc1.weight.dims(), fc2.weight.dims());
+    cpu_linear::applies(fc1, x) && cpu_linear::applies(fc2, x) && inner == inputs
+}
+
+/// `residual + fc2(act(fc1(x)))`, a CLIP encoder layer's MLP, for an `x` that [`mlp_applies`] to:
+/// the first layer's product is written once, activated in place with its bias, and read by the
+/// second layer where it lies.
+///
+/// # Shapes
+/// x: [batch, tokens, d_input], residual: [batch, tokens, d_output] → [batch, tokens, d_output]
+pub fn mlp(
+    fc1: &Linear,
+    fc2: &Linear,
+    activation: ClipActivation,
+    x: Tensor<3>,
+    residual: Tensor<3>,
+) -> Tensor<3> {
+    let [batch, tokens, d_input] = x.dims();
+    let rows = batch * tokens;
+    let parameters = cpu_linear::Parameters::of(fc1);
+    let width = parameters.weight().cols;
+    let (x, start) = flex(x);
+    let x = &x.storage::<f32>()[start..][..rows * d_input];
+    let mut hidden = product(
+        Matrix::new(x, rows, d_input, d_input),
+        parameters.weight(),
+        1.0,
+        true,
+    );
+    let zeros;
+    let bias = match parameters.bias() {
+        Some(bias) => bias,
+        None => {
+            zeros = vec![0.0; width];
+            &zeros
+        }
+    };
+    let quick = activation == ClipActivation::QuickGelu;
+    hidden
+        .par_chunks_exact_mut(width)
+        .for_each(|row| activate_row(row, bias, quick));
+    let hidden = Matrix::new(&hidden, rows, width, width);
+    cpu_linear::apply(fc2, hidden, residual.dims(), Some(residual))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::activation::gelu as burn_gelu;
+    use burn::tensor::activation::{gelu as burn_gelu, sigmoid as burn_sigmoid};
     use burn::tensor::{Device, Distribution};
 
     use crate::models::layers::linear;
@@ -144,5 +220,54 @@ mod tests {
         let actual = feed_forward(&proj, &out, x, residual);
         let error: f32 = (actual - expected).abs().max().into_scalar();
         assert!(error < 1e-5, "max error {error}");
+    }
+
+    /// Against Burn's linear layers and activations, with and without a first-layer bias, on
+    /// uneven widths and inputs large enough to reach both tails of the sigmoid.
+    #[test]
+    fn matches_burns_clip_mlp() {
+        let device = Device::flex();
+        let normal = Distribution::Normal(0.0, 4.0);
+        for (activation, bias) in [
+            (ClipActivation::QuickGelu, true),
+            (ClipActivation::QuickGelu, false),
+            (ClipActivation::Gelu, true),
+        ] {
+            let x = Tensor::<3>::random([2, 13, 24], normal, &device);
+            let residual = Tensor::<3>::random([2, 13, 24], normal, &device);
+            let (fc1, fc2) = (linear(24, 44, bias, &device), linear(44, 24, true, &device));
+            assert!(mlp_applies(&fc1, &fc2, &x));
+            let h = fc1.forward(x.clone());
+            let h = match activation {
+                ClipActivation::QuickGelu => h.clone() * burn_sigmoid(h.mul_scalar(1.702)),
+                ClipActivation::Gelu => burn_gelu(h),
+            };
+            let expected = fc2.forward(h) + residual.clone();
+            let actual = mlp(&fc1, &fc2, activation, x, residual);
+            let error: f32 = (actual - expected.clone()).abs().max().into_scalar();
+            let scale: f32 = expected.abs().max().into_scalar();
+            assert!(
+                error < 2e-6 * scale,
+                "{activation:?}, bias {bias}: max error {error} of {scale}"
+            );
+        }
+    }
+
+    #[test]
+    fn sigmoid_is_accurate_in_both_tails() {
+        for sigmoid in [sigmoid::<false>, sigmoid::<true>] {
+            // Down to e⁻⁸⁰; below e⁻⁸⁷, the exponential's floor, σ stays below 2e-38.
+            for i in -16_000..16_000 {
+                let z = i as f32 * 5e-3;
+                let want = 1.0 / (1.0 + (-(z as f64)).exp());
+                let got = sigmoid(z) as f64;
+                assert!(
+                    (got - want).abs() <= 1e-6 * want,
+                    "σ({z}) = {got}, not {want}"
+                );
+            }
+            assert_eq!(sigmoid(f32::INFINITY), 1.0);
+            assert!(sigmoid(-200.0) < 2e-38);
+        }
     }
 }
