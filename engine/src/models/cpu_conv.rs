@@ -74,19 +74,54 @@ pub struct Operands<'a> {
     pub bias: Option<&'a [f32]>,
 }
 
-/// `output = conv(input) + bias (+ output)`: with `Dst::Accumulate`, `output` holds a residual
-/// of the output's shape that the convolution is added to.
+/// How a convolution stores its result: written over the output, or added onto what it holds (a
+/// residual of its shape), then, with `relu`, through a ReLU.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Store {
+    pub mode: Dst,
+    pub relu: bool,
+}
+
+impl Store {
+    pub const OVERWRITE: Self = Self {
+        mode: Dst::Overwrite,
+        relu: false,
+    };
+    pub const ACCUMULATE: Self = Self {
+        mode: Dst::Accumulate,
+        relu: false,
+    };
+
+    /// The stored value for a result `value` and the output's old contents `old`.
+    #[inline(always)]
+    pub fn apply(self, old: f32, value: f32) -> f32 {
+        let sum = match self.mode {
+            Dst::Accumulate => old + value,
+            Dst::Overwrite => value,
+        };
+        if self.relu { relu(sum) } else { sum }
+    }
+}
+
+/// PyTorch's ReLU: negatives to zero, NaN kept.
+#[inline(always)]
+pub fn relu(x: f32) -> f32 {
+    if x < 0.0 { 0.0 } else { x }
+}
+
+/// `output = relu?(conv(input) + bias (+ output))`: with `Dst::Accumulate`, `output` holds a
+/// residual of the output's shape that the convolution is added to.
 ///
 /// # Shapes
 /// output: [batch, channels_out, output_size]
-pub fn convolve(output: &mut [f32], mode: Dst, operands: Operands, g: &Geometry) {
+pub fn convolve(output: &mut [f32], store: Store, operands: Operands, g: &Geometry) {
     let [out_h, out_w] = g.output_size();
     let method = match cpu_winograd::choose(g) {
         Some(tile) => Method::Winograd(tile),
         None if g.batch > 1 && g.batch * out_h * out_w <= MERGED_PIXELS => Method::Merged,
         None => Method::Im2col,
     };
-    convolve_with(output, mode, operands, g, method, BAND_FLOATS);
+    convolve_with(output, store, operands, g, method, BAND_FLOATS);
 }
 
 /// How [`convolve_with`] computes the product.
@@ -101,7 +136,7 @@ enum Method {
 
 fn convolve_with(
     output: &mut [f32],
-    mode: Dst,
+    store: Store,
     operands: Operands,
     g: &Geometry,
     method: Method,
@@ -135,10 +170,10 @@ fn convolve_with(
     }
     if let Method::Winograd(tile) = method {
         let min_tiles = cpu_winograd::MIN_TILES;
-        cpu_winograd::convolve(tile, output, mode, operands, g, band_floats, min_tiles);
+        cpu_winograd::convolve(tile, output, store, operands, g, band_floats, min_tiles);
         return;
     }
-    let mut mode = mode;
+    let mut mode = store.mode;
     if let Some(bias) = bias {
         output
             .par_chunks_mut(plane_out)
@@ -155,8 +190,30 @@ fn convolve_with(
     let weights = Matrix::new(weight, g.channels_out, depth, depth);
     if method == Method::Merged {
         convolve_merged(output, mode, input, weights, g);
-        return;
+    } else {
+        convolve_in_bands(output, mode, input, weights, g, band_floats);
     }
+    if store.relu {
+        output
+            .par_chunks_mut(plane_out)
+            .for_each(|plane| plane.iter_mut().for_each(|x| *x = relu(*x)));
+    }
+}
+
+/// The im2col path: one product per image and band of rows, onto `output` (see [`Dst`]).
+fn convolve_in_bands(
+    output: &mut [f32],
+    mode: Dst,
+    input: &[f32],
+    weights: Matrix,
+    g: &Geometry,
+    band_floats: usize,
+) {
+    let [out_h, out_w] = g.output_size();
+    let plane_in = g.height * g.width;
+    let plane_out = out_h * out_w;
+    let taps = g.kernel * g.kernel;
+    let depth = weights.cols;
     let band_rows = if g.is_pointwise() {
         out_h
     } else {
@@ -336,9 +393,15 @@ pub fn plan(conv: &Conv2d, x: &Tensor<4>, upsample: bool) -> Option<Geometry> {
     (weight_in == channels_in && g.valid()).then_some(g)
 }
 
-/// `conv(upsample?(x)) (+ residual)` for a geometry from [`plan`]. A residual that nothing else
+/// `relu?(conv(upsample?(x)) (+ residual))` for a geometry from [`plan`]. A residual that nothing else
 /// holds becomes the output in place.
-pub fn run(conv: &Conv2d, x: Tensor<4>, residual: Option<Tensor<4>>, g: &Geometry) -> Tensor<4> {
+pub fn run(
+    conv: &Conv2d,
+    x: Tensor<4>,
+    residual: Option<Tensor<4>>,
+    relu: bool,
+    g: &Geometry,
+) -> Tensor<4> {
     let device = x.device();
     let [out_h, out_w] = g.output_size();
     let out_shape = [g.batch, g.channels_out, out_h, out_w];
@@ -365,7 +428,7 @@ pub fn run(conv: &Conv2d, x: Tensor<4>, residual: Option<Tensor<4>>, g: &Geometr
             .as_ref()
             .map(|(b, start)| &b.storage::<f32>()[*start..][..g.channels_out]),
     };
-    convolve(&mut output, mode, operands, g);
+    convolve(&mut output, Store { mode, relu }, operands, g);
     Tensor::from_data(TensorData::new(output, out_shape), &device)
 }
 
@@ -373,33 +436,33 @@ pub fn run(conv: &Conv2d, x: Tensor<4>, residual: Option<Tensor<4>>, g: &Geometr
 mod tests {
     use super::*;
     use burn::module::Param;
-    use burn::tensor::Distribution;
     use burn::tensor::module::{conv2d, interpolate};
     use burn::tensor::ops::{ConvOptions, InterpolateMode, InterpolateOptions};
+    use burn::tensor::{Distribution, activation};
 
     use crate::models::layers;
 
     /// Compares with Burn's convolution (after Burn's nearest upsampling) on uneven sizes, with and
-    /// without bias and residual, by im2col and (128 channels) by Winograd.
+    /// without bias, residual and ReLU, by im2col, merged im2col and Winograd.
     #[test]
     fn matches_burns_convolution() {
         let device = Device::flex();
         let n = Distribution::Normal(0.0, 1.0);
-        for (batch, c_in, c_out, h, w, k, p, upsample, bias, residual) in [
-            (2, 5, 7, 9, 6, 3, 1, false, true, false),
-            (1, 3, 4, 5, 7, 3, 1, true, true, true),
-            (2, 6, 3, 4, 4, 1, 0, false, false, true),
-            (1, 4, 2, 3, 8, 3, 0, false, true, false),
-            (1, 2, 3, 6, 5, 5, 2, true, false, false),
-            (1, 64, 8, 40, 33, 3, 1, false, true, true),
-            (1, 32, 40, 20, 17, 3, 1, true, true, true),
-            (2, 48, 32, 17, 22, 3, 1, false, false, false),
-            (1, 128, 128, 17, 32, 3, 1, true, true, true),
-            (1, 64, 64, 64, 70, 3, 1, false, true, true),
-            (1, 96, 64, 33, 32, 3, 1, true, true, false),
+        for (batch, c_in, c_out, h, w, k, p, upsample, bias, residual, relu) in [
+            (2, 5, 7, 9, 6, 3, 1, false, true, false, true),
+            (1, 3, 4, 5, 7, 3, 1, true, true, true, false),
+            (2, 6, 3, 4, 4, 1, 0, false, false, true, true),
+            (1, 4, 2, 3, 8, 3, 0, false, true, false, false),
+            (1, 2, 3, 6, 5, 5, 2, true, false, false, false),
+            (1, 64, 8, 40, 33, 3, 1, false, true, true, false),
+            (1, 32, 40, 20, 17, 3, 1, true, true, true, true),
+            (2, 48, 32, 17, 22, 3, 1, false, false, false, false),
+            (1, 128, 128, 17, 32, 3, 1, true, true, true, false),
+            (1, 64, 64, 64, 70, 3, 1, false, true, true, true),
+            (1, 96, 64, 33, 32, 3, 1, true, true, false, true),
             // Small maps of a batch share one product (merged im2col).
-            (3, 4, 5, 5, 6, 3, 1, true, true, true),
-            (2, 40, 24, 8, 8, 3, 1, false, false, false),
+            (3, 4, 5, 5, 6, 3, 1, true, true, true, true),
+            (2, 40, 24, 8, 8, 3, 1, false, false, false, false),
         ] {
             let x = Tensor::<4>::random([batch, c_in, h, w], n, &device);
             let weight = Tensor::<4>::random([c_out, c_in, k, k], n, &device);
@@ -427,8 +490,11 @@ mod tests {
             if let Some(r) = &res {
                 expected = expected + r.clone();
             }
+            if relu {
+                expected = activation::relu(expected);
+            }
             let g = plan(&conv, &x, upsample).expect("the CPU kernel applies");
-            let actual = run(&conv, x, res, &g);
+            let actual = run(&conv, x, res, relu, &g);
             assert_eq!(actual.dims(), expected.dims());
             // Sums of hundreds of products: f32 rounding grows with their size. F(4×4, 3×3)'s
             // transforms scale by up to 8 and by sixths, which costs it about half a digit more.
@@ -491,7 +557,14 @@ mod tests {
                 weight: &[1.0; 18],
                 bias: None,
             };
-            convolve_with(&mut out, Dst::Overwrite, operands, &g, method, band_floats);
+            convolve_with(
+                &mut out,
+                Store::OVERWRITE,
+                operands,
+                &g,
+                method,
+                band_floats,
+            );
             for b in 0..2 {
                 for y in 0..5isize {
                     for x in 0..4isize {
@@ -512,7 +585,8 @@ mod tests {
     }
 
     /// Winograd's F(2×2, 3×3) and F(4×4, 3×3) against im2col on odd sizes (partial last tiles),
-    /// upsampled input, a batch, a residual, and bands of one tile row, of several and of all.
+    /// upsampled input, a batch, a residual, bands of one tile row, of several and of all, and
+    /// products computed one per thread and shared out over the pool.
     #[test]
     fn winograd_matches_im2col() {
         let mut seed = 1u32;
@@ -530,6 +604,8 @@ mod tests {
             (1, 8, 8, 11, 4, false, 16 * 8 * 2 * 2),
             (2, 40, 33, 18, 17, false, 1 << 20),
             (3, 16, 24, 9, 13, true, 1 << 24),
+            // Products large enough to be shared out over the pool one position at a time.
+            (4, 256, 256, 20, 32, false, 1 << 24),
         ] {
             let g = Geometry {
                 batch,
@@ -554,7 +630,7 @@ mod tests {
             let mut direct = residual.clone();
             convolve_with(
                 &mut direct,
-                Dst::Accumulate,
+                Store::ACCUMULATE,
                 operands,
                 &g,
                 Method::Im2col,
@@ -562,8 +638,8 @@ mod tests {
             );
             for tile in [Tile::F2, Tile::F4] {
                 let mut winograd = residual.clone();
-                let mode = Dst::Accumulate;
-                cpu_winograd::convolve(tile, &mut winograd, mode, operands, &g, band_floats, 1);
+                let store = Store::ACCUMULATE;
+                cpu_winograd::convolve(tile, &mut winograd, store, operands, &g, band_floats, 1);
                 let error = direct
                     .iter()
                     .zip(&winograd)

@@ -93,7 +93,7 @@ impl<'a> Matrix<'a> {
 }
 
 /// What the product does with the destination's old contents.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Dst {
     Overwrite,
     Accumulate,

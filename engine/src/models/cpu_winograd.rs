@@ -17,7 +17,7 @@ use std::ops::{Add, Mul, Sub};
 
 use rayon::prelude::*;
 
-use super::cpu_conv::{Geometry, Operands};
+use super::cpu_conv::{Geometry, Operands, Store};
 use super::cpu_gemm::{Dst, Matrix, matmul, vectorized};
 
 /// Which minimal filtering algorithm.
@@ -325,13 +325,13 @@ vectorized! {
 
 vectorized! {
     /// Aᵀ m A for one output channel's tiles in one image (laid out [position][tile] with
-    /// `stride` between positions), plus `base`, written into its output rows `m·top..` (or added
-    /// onto them with [`Dst::Accumulate`]), [`LANES`] tiles at a time.
+    /// `stride` between positions), plus `base`, stored into its output rows `m·top..` as `store`
+    /// says, [`LANES`] tiles at a time.
     #[allow(clippy::too_many_arguments)]
     fn transform_output(
         tile: Tile,
         out: &mut [f32],
-        mode: Dst,
+        store: Store,
         base: f32,
         products: &[f32],
         stride: usize,
@@ -377,11 +377,7 @@ vectorized! {
                     for l in 0..lanes {
                         let x0 = m * (first + l);
                         for (dx, d) in dst[x0..out_w.min(x0 + m)].iter_mut().enumerate() {
-                            let value = base + row[dx].0[l];
-                            match mode {
-                                Dst::Accumulate => *d += value,
-                                Dst::Overwrite => *d = value,
-                            }
+                            *d = store.apply(*d, base + row[dx].0[l]);
                         }
                     }
                 }
@@ -390,17 +386,22 @@ vectorized! {
     }
 }
 
+/// Multiply-adds ×2 under which a position's product runs on one thread, the positions' products
+/// side by side, rather than each spread over the pool: TAESD's 64-channel products (about 3
+/// MFLOP) took longer to share out between two threads and wait for than to compute.
+const SHARED_PRODUCT_FLOPS: usize = 16 << 20;
+
 /// Tiles in each product at least (all of them when there are fewer): the product re-reads the
 /// transformed weights, up to 36 × 2560 × 1280 floats, for every band of tiles.
 pub const MIN_TILES: usize = 256;
 
-/// `output (+)= conv(input) + bias` by `tile` for a geometry [`choose`] accepts; `band_floats`
+/// `output = relu?(conv(input) + bias (+ output))` by `tile` for a geometry [`choose`] accepts; `band_floats`
 /// bounds each of the two transformed buffers unless that would leave fewer than `min_tiles`
 /// tiles per product. The images of a batch share each band, so their tiles share its products.
 pub fn convolve(
     tile: Tile,
     output: &mut [f32],
-    mode: Dst,
+    store: Store,
     operands: Operands,
     g: &Geometry,
     band_floats: usize,
@@ -435,17 +436,29 @@ pub fn convolve(
                     transform_input(tile, &mut v[image * tiles..], total, plane, g, top, rows);
                 }
             });
-        for position in 0..positions {
-            matmul(
-                &mut p[position * total..],
-                positions * total,
-                Dst::Overwrite,
-                Matrix::new(&u[position * c_in..], c_out, c_in, positions * c_in),
-                Matrix::new(&v[position * total..], c_in, total, positions * total),
-                1.0,
-                true,
-            );
-        }
+        let weights =
+            |position: usize| Matrix::new(&u[position * c_in..], c_out, c_in, positions * c_in);
+        let inputs =
+            |position: usize| Matrix::new(&v[position * total..], c_in, total, positions * total);
+        // Where channel c's products for position q start, and the step between positions.
+        let (channel_step, position_step) = if 2 * c_in * c_out * total < SHARED_PRODUCT_FLOPS {
+            // Laid out [position][c_out][tile]: one product per thread, the positions side by side.
+            p.par_chunks_mut(c_out * total)
+                .enumerate()
+                .for_each(|(position, p)| {
+                    let (lhs, rhs) = (weights(position), inputs(position));
+                    matmul(p, total, Dst::Overwrite, lhs, rhs, 1.0, false)
+                });
+            (total, c_out * total)
+        } else {
+            // Laid out [c_out][position][tile]: each product shared out over the pool.
+            for position in 0..positions {
+                let (lhs, rhs) = (weights(position), inputs(position));
+                let p = &mut p[position * total..];
+                matmul(p, positions * total, Dst::Overwrite, lhs, rhs, 1.0, true);
+            }
+            (positions * total, total)
+        };
         let p = &*p;
         output
             .par_chunks_mut(plane_out)
@@ -453,8 +466,18 @@ pub fn convolve(
             .for_each(|(i, out)| {
                 let (image, c) = (i / c_out, i % c_out);
                 let base = operands.bias.map_or(0.0, |b| b[c]);
-                let products = &p[c * positions * total + image * tiles..];
-                transform_output(tile, out, mode, base, products, total, g, top, rows)
+                let products = &p[c * channel_step + image * tiles..];
+                transform_output(
+                    tile,
+                    out,
+                    store,
+                    base,
+                    products,
+                    position_step,
+                    g,
+                    top,
+                    rows,
+                )
             });
     }
 }

@@ -33,19 +33,20 @@ pub fn conv2d(
 
 /// `conv(x)`, through the CPU convolution kernel where it applies.
 pub fn convolve(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    convolve_fused(conv, x, false, None)
+    convolve_fused(conv, x, false, None, false)
 }
 
-/// `conv(upsample?(x)) + residual?`: a nearest 2× upsampling in front and a residual added after,
-/// folded into the CPU convolution kernel where it applies.
+/// `relu?(conv(upsample?(x)) + residual?)`: a nearest 2× upsampling in front, a residual added
+/// after and a ReLU on the sum, folded into the CPU convolution kernel where it applies.
 pub fn convolve_fused(
     conv: &Conv2d,
     x: Tensor<4>,
     upsample: bool,
     residual: Option<Tensor<4>>,
+    relu: bool,
 ) -> Tensor<4> {
     if let Some(geometry) = cpu_conv::plan(conv, &x, upsample) {
-        return cpu_conv::run(conv, x, residual, &geometry);
+        return cpu_conv::run(conv, x, residual, relu, &geometry);
     }
     let x = if upsample {
         let [_, _, h, w] = x.dims();
@@ -63,10 +64,11 @@ pub fn convolve_fused(
         Some(y) => y,
         None => summing_in_f32(conv, x, |conv, x| conv.forward(x)),
     };
-    match residual {
+    let y = match residual {
         Some(residual) => residual + y,
         None => y,
-    }
+    };
+    if relu { activation::relu(y) } else { y }
 }
 
 /// `forward(module, x)` computed in f32 when `x` is in half precision, and narrowed back. The GPU's

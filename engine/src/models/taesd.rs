@@ -175,11 +175,12 @@ impl TinyLayer {
                     Some(conv) => convolve(conv, x.clone()),
                     None => x.clone(),
                 };
-                // The last convolution adds the skip connection as it writes its output.
+                // The last convolution adds the skip connection and applies the ReLU as it
+                // writes its output.
                 let (last, inner) = block.conv.split_last().expect("a block has layers");
                 match last {
                     Self::Conv(conv) => {
-                        relu(convolve_fused(conv, run(inner, x), false, Some(skip)))
+                        convolve_fused(conv, run(inner, x), false, Some(skip), true)
                     }
                     _ => relu(run(&block.conv, x) + skip),
                 }
@@ -197,17 +198,28 @@ impl TinyLayer {
     }
 }
 
-/// The layers in order; an upsampling followed by a convolution runs as one fused step.
+/// The layers in order; a convolution runs as one fused step with an upsampling before it and a
+/// ReLU after it.
 fn run(layers: &[TinyLayer], x: Tensor<4>) -> Tensor<4> {
     let mut x = x;
     let mut layers = layers.iter().peekable();
     while let Some(layer) = layers.next() {
-        x = match (layer, layers.peek()) {
+        let conv = match (layer, layers.peek()) {
             (TinyLayer::Upsample(_), Some(TinyLayer::Conv(conv))) => {
                 layers.next();
-                convolve_fused(conv, x, true, None)
+                Some((conv, true))
             }
-            _ => layer.forward(x),
+            (TinyLayer::Conv(conv), _) => Some((conv, false)),
+            _ => None,
+        };
+        x = match conv {
+            Some((conv, upsample)) => {
+                let relu = layers
+                    .next_if(|next| matches!(next, TinyLayer::Relu(_)))
+                    .is_some();
+                convolve_fused(conv, x, upsample, None, relu)
+            }
+            None => layer.forward(x),
         };
     }
     x

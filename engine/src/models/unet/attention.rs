@@ -134,7 +134,9 @@ impl Transformer2DModel {
         let x = repeat_batch(x, tokens.dims()[0]);
         match (self.proj_out.on_cpu(&x), &self.proj_out) {
             (Some(parameters), _) => cpu_linear::tokens_to_map(&parameters, tokens, x),
-            (None, Projection::Conv(conv)) => convolve_fused(conv, to_map(tokens), false, Some(x)),
+            (None, Projection::Conv(conv)) => {
+                convolve_fused(conv, to_map(tokens), false, Some(x), false)
+            }
             (None, Projection::Linear(linear)) => to_map(project(linear, tokens, None)) + x,
         }
     }

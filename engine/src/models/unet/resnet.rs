@@ -70,6 +70,7 @@ impl ResnetBlock2D {
             normalize(&self.norm2, h, time, true),
             false,
             Some(shortcut),
+            false,
         )
     }
 }
@@ -130,7 +131,7 @@ impl Upsample2D {
                 );
                 convolve(&self.conv, x)
             }
-            _ => convolve_fused(&self.conv, x, true, None),
+            _ => convolve_fused(&self.conv, x, true, None, false),
         }
     }
 }
