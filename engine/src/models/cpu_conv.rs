@@ -393,8 +393,8 @@ pub fn plan(conv: &Conv2d, x: &Tensor<4>, upsample: bool) -> Option<Geometry> {
     (weight_in == channels_in && g.valid()).then_some(g)
 }
 
-/// `relu?(conv(upsample?(x)) (+ residual))` for a geometry from [`plan`]. A residual that nothing else
-/// holds becomes the output in place.
+/// `relu?(conv(upsample?(x)) (+ residual))` for a geometry from [`plan`]. A residual that nothing
+/// else holds becomes the output in place.
 pub fn run(
     conv: &Conv2d,
     x: Tensor<4>,

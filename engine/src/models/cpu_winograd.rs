@@ -395,9 +395,9 @@ const SHARED_PRODUCT_FLOPS: usize = 16 << 20;
 /// transformed weights, up to 36 × 2560 × 1280 floats, for every band of tiles.
 pub const MIN_TILES: usize = 256;
 
-/// `output = relu?(conv(input) + bias (+ output))` by `tile` for a geometry [`choose`] accepts; `band_floats`
-/// bounds each of the two transformed buffers unless that would leave fewer than `min_tiles`
-/// tiles per product. The images of a batch share each band, so their tiles share its products.
+/// `output = relu?(conv(input) + bias (+ output))` by `tile` for a geometry [`choose`] accepts;
+/// `band_floats` bounds each of the two transformed buffers unless that would leave fewer than
+/// `min_tiles` tiles per product. The images of a batch share each band, so their tiles share its products.
 pub fn convolve(
     tile: Tile,
     output: &mut [f32],
