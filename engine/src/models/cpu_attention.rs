@@ -386,8 +386,11 @@ mod tests {
                 .zip(&expected)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
+            // Both sides round each score's d products in a different order: the rounding
+            // grows with √d (≈1.2e-5 is seen at d = 600), so the bound does too.
+            let tolerance = 1e-5 * (d as f32 / 40.0).sqrt().max(1.0);
             assert!(
-                error < 1e-5,
+                error < tolerance,
                 "{len_q} queries, {len_kv} keys, d {d}, dv {dv}: max error {error}"
             );
         }
