@@ -23,12 +23,44 @@ use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::cpu_conv::flex;
-use super::cpu_gemm::{mul_add, vectorized};
+use super::cpu_gemm::{mul_add, vectorized, wide_vectors};
 
-/// Queries per tile: the lanes of two 8-wide vectors.
+/// Queries per tile: the lanes of two 8-wide vectors or of one 16-wide vector.
 const TILE: usize = 16;
-/// Keys per panel of the score product.
-const KEYS: usize = 6;
+/// Panel heights (rows of keys or value channels) for the register-blocked products: with
+/// AVX-512 a tile's 16 lanes are one register, so a panel of 8–12 rows keeps as many independent
+/// sums in flight as 5–6 rows of two 8-wide registers do with AVX2. Fewer rows leave the
+/// multiply-add units waiting on their own latency.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Panels {
+    /// Keys per panel of the score product.
+    keys: usize,
+    /// Value channels per panel of the weighted sum.
+    values: usize,
+}
+
+impl Panels {
+    /// The heights for the vector width [`vectorized`] runs `attend` with on this CPU.
+    fn for_this_cpu(dv: usize) -> Panels {
+        Panels::new(wide_vectors(), dv)
+    }
+
+    /// For value heads of `dv` channels: a height that divides them where one does (40 and 80 in
+    /// Stable Diffusion 1.5, 64 in 2.x), so no panel is padding.
+    fn new(wide: bool, dv: usize) -> Panels {
+        let (keys, choices) = if wide {
+            (12, &[10, 8, 12][..])
+        } else {
+            (6, &[5, 6][..])
+        };
+        let values = choices
+            .iter()
+            .copied()
+            .find(|&m| dv.is_multiple_of(m))
+            .unwrap_or(*choices.last().unwrap());
+        Panels { keys, values }
+    }
+}
 /// Tasks per thread: a task's tiles run head by head, so each head's keys and values (640 KiB at
 /// 64²) are read from the L2 cache by all but the first of them. Fewer, longer tasks measured
 /// faster: 4 tiles per task took 8–10% longer at 64² than 64 or more.
@@ -54,6 +86,18 @@ pub fn worthwhile(queries: usize, keys: usize) -> bool {
 /// q: [batch, len_q, heads · d], k: [batch, len_kv, heads · d], v: [batch, len_kv, heads · dv]
 /// → [batch, len_q, heads · dv]
 pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tensor<3> {
+    let dv = v.dims()[2] / heads.max(1);
+    attention_in_panels(q, k, v, heads, Panels::for_this_cpu(dv))
+}
+
+/// [`attention`] with the keys and values packed into panels of the given heights.
+fn attention_in_panels(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    heads: usize,
+    panels: Panels,
+) -> Tensor<3> {
     let [batch, len_q, width] = q.dims();
     let [_, len_kv, width_v] = v.dims();
     assert_eq!(k.dims(), [batch, len_kv, width], "key shape");
@@ -73,11 +117,10 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tens
     let v = &v.storage::<f32>()[v_start..][..batch * len_kv * width_v];
     let scale = 1.0 / (d as f32).sqrt();
 
-    let per_panel = if dv.is_multiple_of(5) { 5 } else { 6 };
-    let key_panels = pack_heads(k, len_kv, width, heads, KEYS, true);
-    let value_panels = pack_heads(v, len_kv, width_v, heads, per_panel, false);
-    let padded_keys = len_kv.next_multiple_of(KEYS);
-    let padded_dv = dv.next_multiple_of(per_panel);
+    let key_panels = pack_heads(k, len_kv, width, heads, panels.keys, true);
+    let value_panels = pack_heads(v, len_kv, width_v, heads, panels.values, false);
+    let padded_keys = len_kv.next_multiple_of(panels.keys);
+    let padded_dv = dv.next_multiple_of(panels.values);
 
     // Tiles that read each panel of keys and values together: one where a head's keys fit in the
     // L2 cache with room to spare, more where they do not (the VAE's 512-channel head: 8 MiB of
@@ -120,7 +163,7 @@ pub fn attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tens
                                 keys,
                                 values,
                                 len_kv,
-                                per_panel,
+                                panels,
                                 &mut scores[..in_group * padded_keys],
                                 &mut result[..in_group * padded_dv],
                             );
@@ -192,13 +235,39 @@ fn pack_heads(
 }
 
 /// `acc[m][l] += Σᵢ panel[i][m] · lanes[i][l]`: a panel of `M` rows against a tile's lanes, in
-/// 2·`M` vector registers.
+/// 2·`M` 8-wide vector registers, or `M` 16-wide ones in [`vectorized`]'s AVX-512 build (`WIDE`).
 #[inline(always)]
-fn panel_product<const M: usize, const FMA: bool>(
+fn panel_product<const M: usize, const FMA: bool, const WIDE: bool>(
     panel: &[f32],
     lanes: &[Lanes],
     mut acc: [Lanes; M],
 ) -> [Lanes; M] {
+    #[cfg(target_arch = "x86_64")]
+    if WIDE {
+        // Written with intrinsics: from plain loops the compiler builds this product for 16-wide
+        // vectors out of gathers and scatters when M is 8 or 12, at a tenth of the speed.
+        use std::arch::x86_64::{__m512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps};
+        use std::arch::x86_64::{_mm512_setzero_ps, _mm512_storeu_ps};
+        #[allow(unsafe_code)]
+        // SAFETY: `WIDE` is true only in the build `vectorized` runs on CPUs with AVX-512F, which
+        // these intrinsics need. Every load and store is of a whole 16-lane `Lanes` array.
+        unsafe {
+            let mut sums: [__m512; M] = [_mm512_setzero_ps(); M];
+            for m in 0..M {
+                sums[m] = _mm512_loadu_ps(acc[m].as_ptr());
+            }
+            for (a, b) in panel.as_chunks::<M>().0.iter().zip(lanes) {
+                let b = _mm512_loadu_ps(b.as_ptr());
+                for m in 0..M {
+                    sums[m] = _mm512_fmadd_ps(_mm512_set1_ps(a[m]), b, sums[m]);
+                }
+            }
+            for m in 0..M {
+                _mm512_storeu_ps(acc[m].as_mut_ptr(), sums[m]);
+            }
+        }
+        return acc;
+    }
     for (a, b) in panel.as_chunks::<M>().0.iter().zip(lanes) {
         for m in 0..M {
             for l in 0..TILE {
@@ -219,15 +288,16 @@ const KEY_BLOCK: usize = 256;
 /// panel of values while it is in the L1 cache (L2 for a group), and each block of a panel of values
 /// is read by every tile of the group while it is in L1.
 #[inline(always)]
-fn weigh<const M: usize, const FMA: bool>(
+fn weigh<const M: usize, const FMA: bool, const WIDE: bool>(
     values: &[f32],
     len_kv: usize,
+    padded_keys: usize,
     scores: &mut [Lanes],
     max: &[Lanes; MAX_GROUP],
     result: &mut [Lanes],
 ) {
-    let tiles = scores.len() / len_kv.next_multiple_of(KEYS);
-    let (padded_keys, padded_dv) = (scores.len() / tiles, result.len() / tiles);
+    let tiles = scores.len() / padded_keys;
+    let padded_dv = result.len() / tiles;
     result.fill([0.0; TILE]);
     // Two sums per lane, alternate keys, so no lane adds thousands of terms in one chain.
     let mut sums = [[[0f32; TILE]; 2]; MAX_GROUP];
@@ -254,7 +324,7 @@ fn weigh<const M: usize, const FMA: bool>(
             let panel = &panel[start * M..][..keys * M];
             for (scores, result) in scores.chunks(padded_keys).zip(result.chunks_mut(padded_dv)) {
                 let rows: &mut [Lanes; M] = (&mut result[p * M..][..M]).try_into().unwrap();
-                *rows = panel_product::<M, FMA>(panel, &scores[start..][..keys], *rows);
+                *rows = panel_product::<M, FMA, WIDE>(panel, &scores[start..][..keys], *rows);
             }
         }
     }
@@ -281,35 +351,58 @@ vectorized! {
         keys: &[f32],
         values: &[f32],
         len_kv: usize,
-        per_panel: usize,
+        panels: Panels,
         scores: &mut [Lanes],
         result: &mut [Lanes],
     ) {
-        let padded_keys = len_kv.next_multiple_of(KEYS);
-        let tiles = scores.len() / padded_keys;
-        let d = queries.len() / tiles;
-        let mut max = [[f32::NEG_INFINITY; TILE]; MAX_GROUP];
-        for (p, panel) in keys.chunks_exact(d * KEYS).enumerate() {
-            // The last panel's rows past the last key are padding, not scores.
-            let real = KEYS.min(len_kv - p * KEYS);
-            for ((queries, scores), max) in
-                queries.chunks(d).zip(scores.chunks_mut(padded_keys)).zip(&mut max)
-            {
-                let acc = panel_product::<KEYS, FMA>(panel, queries, [[0.0; TILE]; KEYS]);
-                for row in &acc[..real] {
-                    for l in 0..TILE {
-                        max[l] = if row[l] > max[l] { row[l] } else { max[l] };
-                    }
-                }
-                scores[p * KEYS..][..KEYS].copy_from_slice(&acc);
-            }
-        }
-        if per_panel == 5 {
-            weigh::<5, FMA>(values, len_kv, scores, &max, result);
+        let padded_keys = len_kv.next_multiple_of(panels.keys);
+        let max = if panels.keys == 12 {
+            score::<12, FMA, WIDE>(queries, keys, len_kv, scores)
         } else {
-            weigh::<KEYS, FMA>(values, len_kv, scores, &max, result);
+            score::<6, FMA, WIDE>(queries, keys, len_kv, scores)
+        };
+        // Direct calls, not a function pointer: each must be inlined into this build's features.
+        match panels.values {
+            5 => weigh::<5, FMA, WIDE>(values, len_kv, padded_keys, scores, &max, result),
+            6 => weigh::<6, FMA, WIDE>(values, len_kv, padded_keys, scores, &max, result),
+            8 => weigh::<8, FMA, WIDE>(values, len_kv, padded_keys, scores, &max, result),
+            10 => weigh::<10, FMA, WIDE>(values, len_kv, padded_keys, scores, &max, result),
+            _ => weigh::<12, FMA, WIDE>(values, len_kv, padded_keys, scores, &max, result),
         }
     }
+}
+
+/// The scores of each tile's `queries` against every key, in panels of `K` keys, and each lane's
+/// largest score.
+#[inline(always)]
+fn score<const K: usize, const FMA: bool, const WIDE: bool>(
+    queries: &[Lanes],
+    keys: &[f32],
+    len_kv: usize,
+    scores: &mut [Lanes],
+) -> [Lanes; MAX_GROUP] {
+    let padded_keys = len_kv.next_multiple_of(K);
+    let tiles = scores.len() / padded_keys;
+    let d = queries.len() / tiles;
+    let mut max = [[f32::NEG_INFINITY; TILE]; MAX_GROUP];
+    for (p, panel) in keys.chunks_exact(d * K).enumerate() {
+        // The last panel's rows past the last key are padding, not scores.
+        let real = K.min(len_kv - p * K);
+        for ((queries, scores), max) in queries
+            .chunks(d)
+            .zip(scores.chunks_mut(padded_keys))
+            .zip(&mut max)
+        {
+            let acc = panel_product::<K, FMA, WIDE>(panel, queries, [[0.0; TILE]; K]);
+            for row in &acc[..real] {
+                for l in 0..TILE {
+                    max[l] = if row[l] > max[l] { row[l] } else { max[l] };
+                }
+            }
+            scores[p * K..][..K].copy_from_slice(&acc);
+        }
+    }
+    max
 }
 
 /// eˣ for x ≤ 0 in plain arithmetic the compiler vectorises: 2ⁿ·eʳ with r in [−ln2/2, ln2/2] and a
@@ -348,13 +441,19 @@ mod tests {
         // Uneven sizes: partial tiles of queries, keys ≠ queries and not a whole number of
         // panels, value width ≠ key width; value panels of 6 channels (24) and of 5 (40, as in
         // Stable Diffusion 1.5); a thousand keys, whose softmax sums run long; keys too large for
-        // one tile at a time (2.2 MB a head: groups of two tiles, the last group of one).
-        for (batch, heads, len_q, len_kv, d, dv) in [
+        // one tile at a time (2.2 MB a head: groups of two tiles, the last group of one). Each
+        // case in both panel layouts, whichever this CPU runs: value panels of 5, 6, 8, 10 and 12
+        // channels, key panels of 6 and 12.
+        let cases = [
             (2, 3, 300, 77, 16, 24),
             (1, 2, 37, 1000, 40, 40),
-            (2, 1, 5, 3, 8, 10),
+            (2, 1, 5, 3, 8, 36),
             (1, 2, 70, 900, 600, 30),
-        ] {
+        ];
+        for ((batch, heads, len_q, len_kv, d, dv), wide) in cases
+            .into_iter()
+            .flat_map(|case| [(case, false), (case, true)])
+        {
             let device = Device::flex();
             let n = Distribution::Normal(0.0, 1.5);
             let q = Tensor::<3>::random([batch, len_q, heads * d], n, &device);
@@ -378,7 +477,7 @@ mod tests {
             .swap_dims(1, 2)
             .reshape([batch, len_q, heads * dv]);
             let expected: Vec<f32> = expected.into_data().try_to_vec::<f32>().unwrap();
-            let actual = attention(q, k, v, heads);
+            let actual = attention_in_panels(q, k, v, heads, Panels::new(wide, dv));
             assert_eq!(actual.dims(), [batch, len_q, heads * dv]);
             let actual: Vec<f32> = actual.into_data().try_to_vec::<f32>().unwrap();
             let error = actual
@@ -391,7 +490,7 @@ mod tests {
             let tolerance = 1e-5 * (d as f32 / 40.0).sqrt().max(1.0);
             assert!(
                 error < tolerance,
-                "{len_q} queries, {len_kv} keys, d {d}, dv {dv}: max error {error}"
+                "{len_q} queries, {len_kv} keys, d {d}, dv {dv}, wide {wide}: max error {error}"
             );
         }
     }

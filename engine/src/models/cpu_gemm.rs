@@ -1,25 +1,40 @@
 //! What the CPU kernels share: one safe entry to the `gemm` crate (the matrix product Burn's CPU
 //! backend itself uses), with strided row-major views bounds-checked before the call, and a way to
-//! run element-wise loops with 8-wide vectors where the CPU has them.
+//! run element-wise loops with 16- or 8-wide vectors where the CPU has them.
 
-/// Defines `fn name(args) { body }` so that the body is compiled twice, once for AVX2 and FMA, which
-/// runs when the CPU has them, and once for baseline x86-64, whose 4-wide vectors halve the speed of
-/// exp-heavy loops. The body sees a `const FMA: bool`, true in the first build, to hand to
-/// [`mul_add`] and the functions built on it.
+/// Defines `fn name(args) { body }` so that the body is compiled three times: for AVX-512 (16-wide
+/// vectors, 32 registers) and for AVX2 and FMA, each of which runs when the CPU has it, and for
+/// baseline x86-64, whose 4-wide vectors halve the speed of exp-heavy loops. The body sees a
+/// `const FMA: bool`, true in the first two builds, to hand to [`mul_add`] and the functions built
+/// on it, and a `const WIDE: bool`, true in the AVX-512 build, for code written with its
+/// intrinsics.
 macro_rules! vectorized {
     ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$meta])*
         fn $name($($arg: $ty),*) {
             #[inline(always)]
-            fn body<const FMA: bool>($($arg: $ty),*) $body
+            fn body<const FMA: bool, const WIDE: bool>($($arg: $ty),*) $body
 
+            #[cfg(target_arch = "x86_64")]
+            if $crate::models::cpu_gemm::wide_vectors() {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn avx512($($arg: $ty),*) {
+                    body::<true, true>($($arg),*)
+                }
+                #[allow(unsafe_code)]
+                // SAFETY: the CPU has just been checked for the features `avx512` is compiled for.
+                unsafe {
+                    avx512($($arg),*)
+                };
+                return;
+            }
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
             {
                 #[target_feature(enable = "avx2,fma")]
                 fn avx2_fma($($arg: $ty),*) {
-                    body::<true>($($arg),*)
+                    body::<true, false>($($arg),*)
                 }
                 #[allow(unsafe_code)]
                 // SAFETY: the CPU has just been checked for the features `avx2_fma` is compiled for.
@@ -28,11 +43,24 @@ macro_rules! vectorized {
                 };
                 return;
             }
-            body::<false>($($arg),*)
+            body::<false, false>($($arg),*)
         }
     };
 }
 pub(crate) use vectorized;
+
+/// Whether [`vectorized`] runs its AVX-512 build on this CPU (16-wide vectors, 32 registers), for
+/// kernels that block their work to the register file.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn wide_vectors() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Whether [`vectorized`] runs an AVX-512 build: never off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn wide_vectors() -> bool {
+    false
+}
 
 /// `a · b + c`, as one fused instruction in [`vectorized`]'s AVX2 and FMA build (`FMA`), and as a
 /// product and a sum in its baseline build, where a fused multiply-add would be a library call that
