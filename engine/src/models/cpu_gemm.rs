@@ -17,35 +17,31 @@ macro_rules! vectorized {
 
             #[cfg(target_arch = "x86_64")]
             if $crate::models::cpu_gemm::wide_vectors() {
-                #[target_feature(enable = "avx512f,avx2,fma")]
-                fn avx512($($arg: $ty),*) {
-                    body::<true, true>($($arg),*)
-                }
-                #[allow(unsafe_code)]
-                // SAFETY: the CPU has just been checked for the features `avx512` is compiled for.
-                unsafe {
-                    avx512($($arg),*)
-                };
+                vectorized!(@run "avx512f,avx2,fma", body::<true, true>, $($arg: $ty),*);
                 return;
             }
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
             {
-                #[target_feature(enable = "avx2,fma")]
-                fn avx2_fma($($arg: $ty),*) {
-                    body::<true, false>($($arg),*)
-                }
-                #[allow(unsafe_code)]
-                // SAFETY: the CPU has just been checked for the features `avx2_fma` is compiled for.
-                unsafe {
-                    avx2_fma($($arg),*)
-                };
+                vectorized!(@run "avx2,fma", body::<true, false>, $($arg: $ty),*);
                 return;
             }
             body::<false, false>($($arg),*)
         }
     };
+    // `build`, compiled for `$features`, called once the caller has checked the CPU has them.
+    (@run $features:literal, $build:expr, $($arg:ident: $ty:ty),*) => {{
+        #[target_feature(enable = $features)]
+        fn build($($arg: $ty),*) {
+            $build($($arg),*)
+        }
+        #[allow(unsafe_code)]
+        // SAFETY: the CPU has just been checked for the features `build` is compiled for.
+        unsafe {
+            build($($arg),*)
+        };
+    }};
 }
 pub(crate) use vectorized;
 
