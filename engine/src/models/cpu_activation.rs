@@ -88,24 +88,7 @@ pub fn feed_forward_applies(proj: &Linear, out: &Linear, x: &Tensor<3>) -> bool 
 /// # Shapes
 /// x: [batch, tokens, d_input], residual: [batch, tokens, d_output] → [batch, tokens, d_output]
 pub fn feed_forward(proj: &Linear, out: &Linear, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
-    let [batch, tokens, d_input] = x.dims();
-    let rows = batch * tokens;
-    let parameters = cpu_linear::Parameters::of(proj);
-    let width = parameters.weight().cols;
-    let (x, start) = flex(x);
-    let x = &x.storage::<f32>()[start..][..rows * d_input];
-    let mut projected = product(
-        Matrix::new(x, rows, d_input, d_input),
-        parameters.weight(),
-        1.0,
-        true,
-    );
-    let bias = parameters.bias().expect("a GEGLU projection with a bias");
-    projected
-        .par_chunks_exact_mut(width)
-        .for_each(|row| geglu_row(row, bias));
-    let hidden = Matrix::new(&projected, rows, width / 2, width);
-    cpu_linear::apply(out, hidden, residual.dims(), Some(residual))
+    two_layers(proj, out, x, residual, geglu_row, true)
 }
 
 /// Whether [`mlp`] can compute `fc2(act(fc1(x)))`: `x` and both layers f32 on the CPU backend.
@@ -127,9 +110,26 @@ pub fn mlp(
     x: Tensor<3>,
     residual: Tensor<3>,
 ) -> Tensor<3> {
+    let quick = activation == ClipActivation::QuickGelu;
+    let activate = |row: &mut [f32], bias: &[f32]| activate_row(row, bias, quick);
+    two_layers(fc1, fc2, x, residual, activate, false)
+}
+
+/// `residual + second(h)` with `h` the first layer's product, one row per token, which
+/// `activate(row, bias)` turns in place into the second layer's input (the bias is zeros for a
+/// first layer without one). With `gated`, the second layer reads the first half of each row,
+/// the activation having used the second half as its gate.
+fn two_layers(
+    first: &Linear,
+    second: &Linear,
+    x: Tensor<3>,
+    residual: Tensor<3>,
+    activate: impl Fn(&mut [f32], &[f32]) + Sync,
+    gated: bool,
+) -> Tensor<3> {
     let [batch, tokens, d_input] = x.dims();
     let rows = batch * tokens;
-    let parameters = cpu_linear::Parameters::of(fc1);
+    let parameters = cpu_linear::Parameters::of(first);
     let width = parameters.weight().cols;
     let (x, start) = flex(x);
     let x = &x.storage::<f32>()[start..][..rows * d_input];
@@ -147,12 +147,12 @@ pub fn mlp(
             &zeros
         }
     };
-    let quick = activation == ClipActivation::QuickGelu;
     hidden
         .par_chunks_exact_mut(width)
-        .for_each(|row| activate_row(row, bias, quick));
-    let hidden = Matrix::new(&hidden, rows, width, width);
-    cpu_linear::apply(fc2, hidden, residual.dims(), Some(residual))
+        .for_each(|row| activate(row, bias));
+    let columns = if gated { width / 2 } else { width };
+    let hidden = Matrix::new(&hidden, rows, columns, width);
+    cpu_linear::apply(second, hidden, residual.dims(), Some(residual))
 }
 
 #[cfg(test)]
