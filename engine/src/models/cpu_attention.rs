@@ -31,7 +31,7 @@ const TILE: usize = 16;
 /// AVX-512 a tile's 16 lanes are one register, so a panel of 8–12 rows keeps as many independent
 /// sums in flight as 5–6 rows of two 8-wide registers do with AVX2. Fewer rows leave the
 /// multiply-add units waiting on their own latency.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug)]
 struct Panels {
     /// Keys per panel of the score product.
     keys: usize,
@@ -61,6 +61,7 @@ impl Panels {
         Panels { keys, values }
     }
 }
+
 /// Tasks per thread: a task's tiles run head by head, so each head's keys and values (640 KiB at
 /// 64²) are read from the L2 cache by all but the first of them. Fewer, longer tasks measured
 /// faster: 4 tiles per task took 8–10% longer at 64² than 64 or more.
@@ -356,10 +357,10 @@ vectorized! {
         result: &mut [Lanes],
     ) {
         let padded_keys = len_kv.next_multiple_of(panels.keys);
-        let max = if panels.keys == 12 {
-            score::<12, FMA, WIDE>(queries, keys, len_kv, scores)
-        } else {
-            score::<6, FMA, WIDE>(queries, keys, len_kv, scores)
+        let max = match panels.keys {
+            6 => score::<6, FMA, WIDE>(queries, keys, len_kv, scores),
+            12 => score::<12, FMA, WIDE>(queries, keys, len_kv, scores),
+            other => unreachable!("no key panels of {other} rows"),
         };
         // Direct calls, not a function pointer: each must be inlined into this build's features.
         match panels.values {
@@ -367,7 +368,8 @@ vectorized! {
             6 => weigh::<6, FMA, WIDE>(values, len_kv, padded_keys, scores, &max, result),
             8 => weigh::<8, FMA, WIDE>(values, len_kv, padded_keys, scores, &max, result),
             10 => weigh::<10, FMA, WIDE>(values, len_kv, padded_keys, scores, &max, result),
-            _ => weigh::<12, FMA, WIDE>(values, len_kv, padded_keys, scores, &max, result),
+            12 => weigh::<12, FMA, WIDE>(values, len_kv, padded_keys, scores, &max, result),
+            other => unreachable!("no value panels of {other} rows"),
         }
     }
 }
