@@ -17,7 +17,9 @@
 //! the VAE's single 512-channel head at 64², whose 8 MiB of keys a group of tiles reads together.
 //! The softmax's exponentials take about a sixth of the time at 64², where a head has only 40
 //! multiply-adds per score in each product. Burn's fused CPU kernel reaches about a third of the
-//! machine's matrix-multiply rate there.
+//! machine's matrix-multiply rate there. On a CPU with AVX-512 the panels grow to 12 keys and 8–12
+//! value channels (see [`Panels`]): 0.72–0.92× the time of 6 and 5 at 64², side by side, and
+//! 140–180 GFLOP/s on two cores.
 
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
