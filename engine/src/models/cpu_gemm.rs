@@ -58,9 +58,9 @@ pub(crate) fn wide_vectors() -> bool {
     false
 }
 
-/// `a · b + c`, as one fused instruction in [`vectorized`]'s AVX2 and FMA build (`FMA`), and as a
-/// product and a sum in its baseline build, where a fused multiply-add would be a library call that
-/// stops the loop being vectorised.
+/// `a · b + c`, as one fused instruction in [`vectorized`]'s AVX-512 and AVX2 builds (`FMA`), and
+/// as a product and a sum in its baseline build, where a fused multiply-add would be a library call
+/// that stops the loop being vectorised.
 #[inline(always)]
 pub(crate) fn mul_add<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA { a.mul_add(b, c) } else { a * b + c }

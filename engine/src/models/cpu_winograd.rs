@@ -397,7 +397,8 @@ pub const MIN_TILES: usize = 256;
 
 /// `output = relu?(conv(input) + bias (+ output))` by `tile` for a geometry [`choose`] accepts;
 /// `band_floats` bounds each of the two transformed buffers unless that would leave fewer than
-/// `min_tiles` tiles per product. The images of a batch share each band, so their tiles share its products.
+/// `min_tiles` tiles per product. The images of a batch share each band, so their tiles share its
+/// products.
 pub fn convolve(
     tile: Tile,
     output: &mut [f32],
