@@ -16,7 +16,7 @@ use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
 use super::cpu_gemm::{Dst, Matrix, matmul, product};
-use super::cpu_winograd::{self, Tile};
+use super::cpu_winograd::{self, Tile, Width};
 
 /// Floats in one band's im2col matrix (4 MiB): large enough for full-rate products, small enough to
 /// stay in the last-level cache between being written and being read by the product (64-channel
@@ -170,7 +170,17 @@ fn convolve_with(
     }
     if let Method::Winograd(tile) = method {
         let min_tiles = cpu_winograd::MIN_TILES;
-        cpu_winograd::convolve(tile, output, store, operands, g, band_floats, min_tiles);
+        let width = Width::widest();
+        cpu_winograd::convolve(
+            tile,
+            width,
+            output,
+            store,
+            operands,
+            g,
+            band_floats,
+            min_tiles,
+        );
         return;
     }
     let mut mode = store.mode;
@@ -586,9 +596,14 @@ mod tests {
 
     /// Winograd's F(2×2, 3×3) and F(4×4, 3×3) against im2col on odd sizes (partial last tiles),
     /// upsampled input, a batch, a residual, bands of one tile row, of several and of all, and
-    /// products computed one per thread and shared out over the pool.
+    /// products computed one per thread and shared out over the pool; added to a residual and
+    /// written through a ReLU; with each width of vector registers this CPU has.
     #[test]
     fn winograd_matches_im2col() {
+        let widths: Vec<Width> = [Width::Portable, Width::Avx, Width::Avx512]
+            .into_iter()
+            .filter(|&width| width <= Width::widest())
+            .collect();
         let mut seed = 1u32;
         let mut random = |n: usize| -> Vec<f32> {
             (0..n)
@@ -604,6 +619,10 @@ mod tests {
             (1, 8, 8, 11, 4, false, 16 * 8 * 2 * 2),
             (2, 40, 33, 18, 17, false, 1 << 20),
             (3, 16, 24, 9, 13, true, 1 << 24),
+            // Rows of several whole groups of 8 and of 16 tiles, and a part of one.
+            (1, 6, 7, 5, 70, false, 1 << 20),
+            (2, 5, 4, 4, 35, true, 1),
+            (1, 4, 6, 5, 11, false, 1 << 20),
             // Products large enough to be shared out over the pool one position at a time.
             (4, 256, 256, 20, 32, false, 1 << 24),
         ] {
@@ -627,28 +646,38 @@ mod tests {
                 weight: &weight,
                 bias: Some(&bias),
             };
-            let mut direct = residual.clone();
-            convolve_with(
-                &mut direct,
-                Store::ACCUMULATE,
-                operands,
-                &g,
-                Method::Im2col,
-                1 << 20,
-            );
-            for tile in [Tile::F2, Tile::F4] {
-                let mut winograd = residual.clone();
-                let store = Store::ACCUMULATE;
-                cpu_winograd::convolve(tile, &mut winograd, store, operands, &g, band_floats, 1);
-                let error = direct
-                    .iter()
-                    .zip(&winograd)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
-                assert!(
-                    error < 1e-5 * c_in as f32,
-                    "{tile:?}: max error {error} for {g:?}"
-                );
+            let relu = Store {
+                mode: Dst::Overwrite,
+                relu: true,
+            };
+            for store in [Store::ACCUMULATE, relu] {
+                let mut direct = residual.clone();
+                convolve_with(&mut direct, store, operands, &g, Method::Im2col, 1 << 20);
+                for (tile, width) in [Tile::F2, Tile::F4]
+                    .into_iter()
+                    .flat_map(|tile| widths.iter().map(move |&width| (tile, width)))
+                {
+                    let mut winograd = residual.clone();
+                    cpu_winograd::convolve(
+                        tile,
+                        width,
+                        &mut winograd,
+                        store,
+                        operands,
+                        &g,
+                        band_floats,
+                        1,
+                    );
+                    let error = direct
+                        .iter()
+                        .zip(&winograd)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        error < 1e-5 * c_in as f32,
+                        "{tile:?} with {width:?} lanes, {store:?}: max error {error} for {g:?}"
+                    );
+                }
             }
         }
     }

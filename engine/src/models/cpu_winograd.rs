@@ -13,12 +13,13 @@
 //! G = [¼ 0 0; −⅙ −⅙ −⅙; −⅙ ⅙ −⅙; 1⁄24 1⁄12 ⅙; 1⁄24 −1⁄12 ⅙; 0 0 1],
 //! Aᵀ = [1 1 1 1 1 0; 0 1 −1 2 −2 0; 0 1 1 4 4 0; 0 1 −1 8 −8 1].
 
-use std::ops::{Add, Mul, Sub};
-
 use rayon::prelude::*;
 
 use super::cpu_conv::{Geometry, Operands, Store};
-use super::cpu_gemm::{Dst, Matrix, matmul, vectorized};
+use super::cpu_gemm::{Dst, Matrix, matmul, vectorized, wide_vectors};
+#[cfg(target_arch = "x86_64")]
+use super::cpu_lanes::{Avx, Avx512};
+use super::cpu_lanes::{Lanes, MAX_WIDTH, Portable};
 
 /// Which minimal filtering algorithm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,91 +67,51 @@ impl Tile {
             }
         }
     }
+}
 
-    /// Bᵀ d for one line of `size` inputs.
-    #[inline(always)]
-    fn input_line(self, d: [Lanes; 6]) -> [Lanes; 6] {
-        match self {
-            Self::F2 => [
-                d[0] - d[2],
-                d[1] + d[2],
-                d[2] - d[1],
-                d[1] - d[3],
-                Lanes::ZERO,
-                Lanes::ZERO,
-            ],
-            Self::F4 => {
-                let (a, b) = (d[4] - d[2] * 4.0, d[3] - d[1] * 4.0);
-                let (c, e) = (d[4] - d[2], (d[3] - d[1]) * 2.0);
-                [
-                    d[0] * 4.0 - d[2] * 5.0 + d[4],
-                    a + b,
-                    a - b,
-                    c + e,
-                    c - e,
-                    d[1] * 4.0 - d[3] * 5.0 + d[5],
-                ]
-            }
-        }
-    }
+/// `values` as an array of its own length (known when compiling; a closure-free conversion).
+#[inline(always)]
+fn exactly<V: Copy, const N: usize>(values: &[V]) -> [V; N] {
+    values.try_into().expect("as many values as the tile needs")
+}
 
-    /// Aᵀ m for one line of `size` products (the first `output` values are used).
-    #[inline(always)]
-    fn output_line(self, m: [Lanes; 6]) -> [Lanes; 4] {
-        match self {
-            Self::F2 => [
-                m[0] + m[1] + m[2],
-                m[1] - m[2] - m[3],
-                Lanes::ZERO,
-                Lanes::ZERO,
-            ],
-            Self::F4 => {
-                let (sum, diff) = (m[1] + m[2], m[1] - m[2]);
-                let (far_sum, far_diff) = (m[3] + m[4], m[3] - m[4]);
-                [
-                    m[0] + sum + far_sum,
-                    diff + far_diff * 2.0,
-                    sum + far_sum * 4.0,
-                    diff + far_diff * 8.0 + m[5],
-                ]
-            }
-        }
+/// Bᵀ d for one line of a tile's `N` inputs: `N` is 4 for F(2×2, 3×3), 6 for F(4×4, 3×3).
+#[inline(always)]
+fn input_line<V: Lanes, const N: usize>(d: [V; N]) -> [V; N] {
+    if N == 4 {
+        let line = [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]];
+        exactly(&line)
+    } else {
+        let (a, b) = (d[4] - d[2] * 4.0, d[3] - d[1] * 4.0);
+        let (c, e) = (d[4] - d[2], (d[3] - d[1]) * 2.0);
+        let line = [
+            d[0] * 4.0 - d[2] * 5.0 + d[4],
+            a + b,
+            a - b,
+            c + e,
+            c - e,
+            d[1] * 4.0 - d[3] * 5.0 + d[5],
+        ];
+        exactly(&line)
     }
 }
 
-/// Tiles transformed side by side, one per lane.
-const LANES: usize = 8;
-
-/// The same position in [`LANES`] neighbouring tiles: arithmetic on these is element-wise, so
-/// the compiler turns each operation into one vector instruction.
-#[derive(Clone, Copy)]
-struct Lanes([f32; LANES]);
-
-impl Lanes {
-    const ZERO: Self = Self([0.0; LANES]);
-}
-
-impl Add for Lanes {
-    type Output = Self;
-    #[inline(always)]
-    fn add(self, other: Self) -> Self {
-        Self(std::array::from_fn(|l| self.0[l] + other.0[l]))
-    }
-}
-
-impl Sub for Lanes {
-    type Output = Self;
-    #[inline(always)]
-    fn sub(self, other: Self) -> Self {
-        Self(std::array::from_fn(|l| self.0[l] - other.0[l]))
-    }
-}
-
-impl Mul<f32> for Lanes {
-    type Output = Self;
-    #[inline(always)]
-    fn mul(self, k: f32) -> Self {
-        Self(self.0.map(|x| x * k))
+/// Aᵀ m for one line of a tile's `N` products, giving its `M` outputs.
+#[inline(always)]
+fn output_line<V: Lanes, const N: usize, const M: usize>(m: [V; N]) -> [V; M] {
+    if N == 4 {
+        let line = [m[0] + m[1] + m[2], m[1] - m[2] - m[3]];
+        exactly(&line)
+    } else {
+        let (sum, diff) = (m[1] + m[2], m[1] - m[2]);
+        let (far_sum, far_diff) = (m[3] + m[4], m[3] - m[4]);
+        let line = [
+            m[0] + sum + far_sum,
+            diff + far_diff * 2.0,
+            sum + far_sum * 4.0,
+            diff + far_diff * 8.0 + m[5],
+        ];
+        exactly(&line)
     }
 }
 
@@ -223,98 +184,189 @@ fn transform_weights(tile: Tile, weight: &[f32], c_out: usize, c_in: usize) -> V
     u
 }
 
-/// `phases[p · len + t] = row[M · t + p]` for the `len = row.len() / M` whole tiles of `row`.
+/// `phases[p · len + t] = padded[M · t + p]`, where `padded` is `row` with one zero in front and
+/// zeros after it, as far as the `M` phases of `len` (more than `row.len() / M`) reach. The row is
+/// read where it lies: copying it behind the zero first cost a copy and a stalled reload.
 #[inline(always)]
-fn deinterleave<const M: usize>(row: &[f32], phases: &mut [f32]) {
-    let len = row.len() / M;
-    let phases = &mut phases[..M * len];
+fn deinterleave<const M: usize>(row: &[f32], phases: &mut [f32], len: usize) {
+    let whole = row.len() / M;
+    assert!(whole < len, "room for the padding");
+    let mut phases = phases[..M * len].chunks_exact_mut(len);
+    let mut phases: [&mut [f32]; M] = std::array::from_fn(|_| phases.next().expect("M phases"));
+    for phase in &mut phases {
+        phase[whole..].fill(0.0);
+    }
+    phases[0][0] = 0.0;
+    let (first, rest) = phases.split_at_mut(1);
+    let first = &mut first[0][1..=whole];
+    // The values of tile t's first column but one, … last column, and the next tile's first.
     for (t, values) in row.chunks_exact(M).enumerate() {
-        for (p, &x) in values.iter().enumerate() {
-            phases[p * len + t] = x;
+        for (phase, &x) in rest.iter_mut().zip(values) {
+            phase[t] = x;
+        }
+        first[t] = values[M - 1];
+    }
+    for (phase, &x) in rest.iter_mut().zip(&row[M * whole..]) {
+        phase[whole] = x;
+    }
+}
+
+/// Which [`Lanes`] type the transforms may use at most: the widest the CPU has, unless a test
+/// asks for a narrower one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Width {
+    Portable,
+    Avx,
+    Avx512,
+}
+
+impl Width {
+    /// The widest type this CPU runs.
+    pub fn widest() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if wide_vectors() {
+            return Self::Avx512;
+        } else if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Self::Avx;
+        }
+        Self::Portable
+    }
+}
+
+/// A transform written once for any [`Lanes`] type and tile (`M` outputs and `N` inputs a side).
+trait Transform {
+    /// # Safety
+    /// The CPU has the instructions of `V`.
+    #[allow(unsafe_code)]
+    unsafe fn run<V: Lanes, const M: usize, const N: usize>(self);
+}
+
+/// `transform` for `tile` with the widest [`Lanes`] type that both the [`vectorized`] build it is
+/// inlined into (`FMA`, `WIDE`) and `width` allow.
+#[inline(always)]
+fn dispatch<T: Transform, const FMA: bool, const WIDE: bool>(
+    transform: T,
+    tile: Tile,
+    width: Width,
+) {
+    #[allow(unsafe_code)]
+    // SAFETY: `WIDE` is true only in the build `vectorized` runs on CPUs with AVX-512F, and `FMA`
+    // only there and in the one for CPUs with AVX2 (and so AVX). `Portable` needs nothing.
+    unsafe {
+        match (tile, width) {
+            #[cfg(target_arch = "x86_64")]
+            (Tile::F2, Width::Avx512) if WIDE => transform.run::<Avx512, 2, 4>(),
+            #[cfg(target_arch = "x86_64")]
+            (Tile::F4, Width::Avx512) if WIDE => transform.run::<Avx512, 4, 6>(),
+            #[cfg(target_arch = "x86_64")]
+            (Tile::F2, Width::Avx | Width::Avx512) if FMA => transform.run::<Avx, 2, 4>(),
+            #[cfg(target_arch = "x86_64")]
+            (Tile::F4, Width::Avx | Width::Avx512) if FMA => transform.run::<Avx, 4, 6>(),
+            (Tile::F2, _) => transform.run::<Portable, 2, 4>(),
+            (Tile::F4, _) => transform.run::<Portable, 4, 6>(),
         }
     }
 }
 
-vectorized! {
-    /// Bᵀ d B for one channel's tiles in tile rows `top..top + rows` of one image, laid out
-    /// [position][tile] with `stride` between positions, [`LANES`] tiles at a time. `plane` is the
-    /// channel's input before any upsampling.
-    fn transform_input(
-        tile: Tile,
-        v: &mut [f32],
-        stride: usize,
-        plane: &[f32],
-        g: &Geometry,
-        top: usize,
-        rows: usize,
-    ) {
-        let (m, n) = (tile.output(), tile.size());
+/// Bᵀ d B for one channel's tiles in tile rows `top..top + rows` of one image, laid out
+/// [position][tile] in `v` with `stride` between positions, [`Lanes::WIDTH`] tiles at a time.
+/// `plane` is the channel's input before any upsampling.
+struct InputTiles<'a> {
+    v: &'a mut [f32],
+    stride: usize,
+    plane: &'a [f32],
+    g: &'a Geometry,
+    top: usize,
+    rows: usize,
+}
+
+impl Transform for InputTiles<'_> {
+    #[inline(always)]
+    #[allow(unsafe_code)]
+    unsafe fn run<V: Lanes, const M: usize, const N: usize>(self) {
+        let Self {
+            v,
+            stride,
+            plane,
+            g,
+            top,
+            rows,
+        } = self;
+        let lanes_max = V::WIDTH;
+        // SAFETY: the caller's.
+        let zero = unsafe { V::splat(0.0) };
         let s = g.scale();
         let (in_h, in_w) = (g.height * s, g.width * s);
         let [_, out_w] = g.output_size();
-        let tiles_w = out_w.div_ceil(m);
-        let groups = tiles_w.div_ceil(LANES);
-        // Each of the `n` input rows with one zero column of padding on the left and enough on
-        // the right for the last group's unused lanes, split into its `m` phases: phase p holds
-        // columns p, m + p, 2m + p, … So column j of [`LANES`] neighbouring tiles is [`LANES`]
-        // consecutive values of phase j (or, past the tile's first `m` columns, of phase j − m one
-        // tile further on): vector loads instead of a gather.
-        let phase_len = LANES * groups + 1;
-        let width = m * phase_len;
-        let mut row = vec![0f32; width];
-        let mut band = vec![0f32; n * width];
+        let tiles_w = out_w.div_ceil(M);
+        let groups = tiles_w.div_ceil(lanes_max);
+        // Each of the `N` input rows with one zero column of padding on the left and enough on the
+        // right for the last group's unused lanes, split into its `M` phases: phase p holds padded
+        // columns p, M + p, 2M + p, … So column j of neighbouring tiles is consecutive values of
+        // phase j (or, past the tile's first `M` columns, of phase j − M one tile further on):
+        // vector loads instead of a gather.
+        let phase_len = lanes_max * groups + 1;
+        let width = M * phase_len;
+        // An upsampled input row.
+        let mut row = vec![0f32; if s == 1 { 0 } else { in_w }];
+        let mut band = vec![0f32; N * width];
         for tr in 0..rows {
             for (r, phases) in band.chunks_exact_mut(width).enumerate() {
-                // Input row of this band row: m·(tile row) − 1 + r, in the (upsampled) input.
-                let y = m * (top + tr) + r;
+                // Input row of this band row: M·(tile row) − 1 + r, in the (upsampled) input.
+                let y = M * (top + tr) + r;
                 if y == 0 || y > in_h {
                     phases.fill(0.0);
                     continue;
                 }
-                // Only the padding is zeroed; the input overwrites the rest.
-                row[0] = 0.0;
-                row[1 + in_w..].fill(0.0);
                 let src = &plane[(y - 1) / s * g.width..][..g.width];
-                let dst = &mut row[1..1 + in_w];
                 if s == 1 {
-                    dst.copy_from_slice(src);
+                    deinterleave::<M>(src, phases, phase_len);
                 } else {
-                    for (pair, &x) in dst.chunks_exact_mut(2).zip(src) {
+                    for (pair, &x) in row.chunks_exact_mut(2).zip(src) {
                         pair.fill(x);
                     }
-                }
-                match tile {
-                    Tile::F2 => deinterleave::<2>(&row, phases),
-                    Tile::F4 => deinterleave::<4>(&row, phases),
+                    deinterleave::<M>(&row, phases, phase_len);
                 }
             }
             for group in 0..groups {
-                let first = group * LANES;
-                let lanes = LANES.min(tiles_w - first);
-                // dt[j][r]: input (r, j) of each tile in the group.
-                let mut dt = [[Lanes::ZERO; 6]; 6];
-                for (r, phases) in band.chunks_exact(width).enumerate() {
-                    for (j, column) in dt[..n].iter_mut().enumerate() {
-                        let (phase, from) = if j < m { (j, first) } else { (j - m, first + 1) };
-                        let values = &phases[phase * phase_len + from..][..LANES];
-                        column[r] = Lanes(values.try_into().expect("LANES values"));
+                let first = group * lanes_max;
+                let lanes = lanes_max.min(tiles_w - first);
+                // d[j][r]: input (r, j) of each tile in the group. (Loops, not closures: a
+                // closure is compiled without the build's instructions, so its vector
+                // arithmetic would be calls.)
+                let mut d = [[zero; N]; N];
+                for (j, column) in d.iter_mut().enumerate() {
+                    let (phase, from) = if j < M {
+                        (j, first)
+                    } else {
+                        (j - M, first + 1)
+                    };
+                    let values = &band[phase * phase_len + from..];
+                    for (r, x) in column.iter_mut().enumerate() {
+                        // SAFETY: the caller's.
+                        *x = unsafe { V::load(&values[r * width..]) };
                     }
                 }
-                // Bᵀ d: column j of the tiles through Bᵀ.
-                let mut bd = [[Lanes::ZERO; 6]; 6];
-                for (j, column) in dt[..n].iter().enumerate() {
-                    for (i, x) in tile.input_line(*column)[..n].iter().enumerate() {
-                        bd[i][j] = *x;
-                    }
+                // Bᵀ d a column at a time: d[j][i] becomes its element (i, j).
+                for column in &mut d {
+                    *column = input_line(*column);
                 }
-                // (Bᵀ d) B: each row through Bᵀ again.
                 let t = tr * tiles_w + first;
-                for (i, row) in bd[..n].iter().enumerate() {
-                    for (j, x) in tile.input_line(*row)[..n].iter().enumerate() {
-                        let dst = &mut v[(i * n + j) * stride + t..][..lanes];
-                        match <&mut [f32; LANES]>::try_from(&mut *dst) {
-                            Ok(whole) => *whole = x.0,
-                            Err(_) => dst.copy_from_slice(&x.0[..lanes]),
+                for i in 0..N {
+                    // Row i of Bᵀ d through Bᵀ again: row i of Bᵀ d B.
+                    let mut row = [zero; N];
+                    for (x, column) in row.iter_mut().zip(&d) {
+                        *x = column[i];
+                    }
+                    let line = input_line(row);
+                    for (j, x) in line.into_iter().enumerate() {
+                        let dst = &mut v[(i * N + j) * stride + t..];
+                        if lanes == lanes_max {
+                            x.store(dst);
+                        } else {
+                            x.store_first(dst, lanes);
                         }
                     }
                 }
@@ -324,65 +376,99 @@ vectorized! {
 }
 
 vectorized! {
-    /// Aᵀ m A for one output channel's tiles in one image (laid out [position][tile] with
-    /// `stride` between positions), plus `base`, stored into its output rows `m·top..` as `store`
-    /// says, [`LANES`] tiles at a time.
-    #[allow(clippy::too_many_arguments)]
-    fn transform_output(
-        tile: Tile,
-        out: &mut [f32],
-        store: Store,
-        base: f32,
-        products: &[f32],
-        stride: usize,
-        g: &Geometry,
-        top: usize,
-        rows: usize,
-    ) {
-        let (m, n) = (tile.output(), tile.size());
+    /// [`InputTiles`] with the widest [`Lanes`] type the CPU and `width` allow.
+    fn transform_input(tile: Tile, width: Width, transform: InputTiles<'_>) {
+        dispatch::<_, FMA, WIDE>(transform, tile, width)
+    }
+}
+
+/// Aᵀ m A for one output channel's tiles in one image (laid out [position][tile] in `products`
+/// with `stride` between positions), plus `base`, stored into its output rows `M·top..` as `store`
+/// says, [`Lanes::WIDTH`] tiles at a time.
+struct OutputTiles<'a> {
+    out: &'a mut [f32],
+    store: Store,
+    base: f32,
+    products: &'a [f32],
+    stride: usize,
+    g: &'a Geometry,
+    top: usize,
+    rows: usize,
+}
+
+impl Transform for OutputTiles<'_> {
+    #[inline(always)]
+    #[allow(unsafe_code)]
+    unsafe fn run<V: Lanes, const M: usize, const N: usize>(self) {
+        let Self {
+            out,
+            store,
+            base,
+            products,
+            stride,
+            g,
+            top,
+            rows,
+        } = self;
+        let lanes_max = V::WIDTH;
+        // SAFETY: the caller's.
+        let zero = unsafe { V::splat(0.0) };
         let [out_h, out_w] = g.output_size();
-        let tiles_w = out_w.div_ceil(m);
+        let tiles_w = out_w.div_ceil(M);
         for tr in 0..rows {
-            for group in 0..tiles_w.div_ceil(LANES) {
-                let first = group * LANES;
-                let lanes = LANES.min(tiles_w - first);
+            for group in 0..tiles_w.div_ceil(lanes_max) {
+                let first = group * lanes_max;
+                let lanes = lanes_max.min(tiles_w - first);
                 let t = tr * tiles_w + first;
-                // pt[j][i]: the products at position (i, j) of each tile in the group.
-                let mut pt = [[Lanes::ZERO; 6]; 6];
-                for i in 0..n {
-                    for (j, column) in pt[..n].iter_mut().enumerate() {
-                        let p = &products[(i * n + j) * stride + t..][..lanes];
-                        // A whole group as one fixed-size (vector) copy, not a call to memcpy.
-                        match <[f32; LANES]>::try_from(p) {
-                            Ok(whole) => column[i] = Lanes(whole),
-                            Err(_) => column[i].0[..lanes].copy_from_slice(p),
-                        }
+                // p[j][i]: the products at position (i, j) of each tile in the group.
+                let mut p = [[zero; N]; N];
+                for (j, column) in p.iter_mut().enumerate() {
+                    for (i, x) in column.iter_mut().enumerate() {
+                        let values = &products[(i * N + j) * stride + t..];
+                        // SAFETY: the caller's.
+                        *x = unsafe {
+                            if lanes == lanes_max {
+                                V::load(values)
+                            } else {
+                                V::load_first(values, lanes)
+                            }
+                        };
                     }
                 }
-                // Aᵀ p: column j of the products through Aᵀ.
-                let mut ap = [[Lanes::ZERO; 6]; 4];
-                for (j, column) in pt[..n].iter().enumerate() {
-                    for (i, x) in tile.output_line(*column)[..m].iter().enumerate() {
-                        ap[i][j] = *x;
-                    }
+                // Aᵀ p a column at a time: ap[j][i] is its element (i, j).
+                let mut ap = [[zero; M]; N];
+                for (ap, p) in ap.iter_mut().zip(&p) {
+                    *ap = output_line(*p);
                 }
-                // (Aᵀ p) A: each row through Aᵀ again.
-                for (dy, row) in ap[..m].iter().enumerate() {
-                    let y = m * (top + tr) + dy;
+                let x0 = M * first;
+                let len = (out_w - x0).min(M * lanes_max);
+                for dy in 0..M {
+                    let y = M * (top + tr) + dy;
                     if y >= out_h {
-                        continue;
+                        break;
                     }
-                    let row = tile.output_line(*row);
-                    let dst = &mut out[y * out_w..][..out_w];
-                    for l in 0..lanes {
-                        let x0 = m * (first + l);
-                        for (dx, d) in dst[x0..out_w.min(x0 + m)].iter_mut().enumerate() {
-                            *d = store.apply(*d, base + row[dx].0[l]);
-                        }
+                    // Row dy of Aᵀ p through Aᵀ again, each tile's outputs side by side.
+                    let mut column = [zero; N];
+                    for (x, ap) in column.iter_mut().zip(&ap) {
+                        *x = ap[dy];
+                    }
+                    let row: [V; M] = output_line(column);
+                    let mut line = [[0f32; MAX_WIDTH]; M];
+                    V::interleave(row, line.as_flattened_mut());
+                    let dst = &mut out[y * out_w + x0..][..len];
+                    for (d, &x) in dst.iter_mut().zip(line.as_flattened()) {
+                        *d = store.apply(*d, base + x);
                     }
                 }
             }
         }
+    }
+}
+
+vectorized! {
+    /// [`OutputTiles`] with the widest [`Lanes`] type the CPU and `width` allow.
+    fn transform_output(tile: Tile, width: Width, transform: OutputTiles<'_>) {
+        dispatch::<_, FMA, WIDE>(transform, tile, width)
     }
 }
 
@@ -398,9 +484,11 @@ pub const MIN_TILES: usize = 256;
 /// `output = relu?(conv(input) + bias (+ output))` by `tile` for a geometry [`choose`] accepts;
 /// `band_floats` bounds each of the two transformed buffers unless that would leave fewer than
 /// `min_tiles` tiles per product. The images of a batch share each band, so their tiles share its
-/// products.
+/// products. The transforms use the widest [`Lanes`] type the CPU has, up to `width`.
+#[allow(clippy::too_many_arguments)]
 pub fn convolve(
     tile: Tile,
+    width: Width,
     output: &mut [f32],
     store: Store,
     operands: Operands,
@@ -434,7 +522,15 @@ pub fn convolve(
             .for_each(|(c, v)| {
                 for image in 0..g.batch {
                     let plane = &operands.input[(image * c_in + c) * plane_in..][..plane_in];
-                    transform_input(tile, &mut v[image * tiles..], total, plane, g, top, rows);
+                    let transform = InputTiles {
+                        v: &mut v[image * tiles..],
+                        stride: total,
+                        plane,
+                        g,
+                        top,
+                        rows,
+                    };
+                    transform_input(tile, width, transform);
                 }
             });
         let weights =
@@ -468,17 +564,17 @@ pub fn convolve(
                 let (image, c) = (i / c_out, i % c_out);
                 let base = operands.bias.map_or(0.0, |b| b[c]);
                 let products = &p[c * channel_step + image * tiles..];
-                transform_output(
-                    tile,
+                let transform = OutputTiles {
                     out,
                     store,
                     base,
                     products,
-                    position_step,
+                    stride: position_step,
                     g,
                     top,
                     rows,
-                )
+                };
+                transform_output(tile, width, transform)
             });
     }
 }

@@ -6,6 +6,7 @@ pub mod cpu_activation;
 pub mod cpu_attention;
 pub mod cpu_conv;
 pub mod cpu_gemm;
+pub mod cpu_lanes;
 pub mod cpu_linear;
 pub mod cpu_norm;
 pub mod cpu_winograd;
