@@ -121,14 +121,21 @@ fn output_line<V: Lanes, const N: usize, const M: usize>(m: [V; N]) -> [V; M] {
 /// two cores against im2col (Stable Diffusion's shapes, batch 2 unless said): F(4×4, 3×3) is
 /// 2.2–2.9× faster from 64² up at 320 channels and more and at 32² at 640–1920, 1.9× at 16² with
 /// 1280–2560 channels, 1.2× at 32² with 64; with 16 tiles or fewer (16² at batch 1) F(2×2, 3×3)
-/// wins, 1.1–1.35× from 320 channels; at 8² im2col is as fast or faster than either.
+/// wins, 1.1–1.35× from 320 channels; at 8² im2col is as fast or faster than either. With few
+/// output channels (a decoder's 3 colours, a UNet's 4 latent channels) the product is small and
+/// im2col's copies, nine of the input, cost the most: F(4×4, 3×3) transforms 2.25 and is 2–4×
+/// faster from 32 input channels and 64 tiles (64 → 3 at 512²: 100 → 45 ms; 128 → 3: 150–250 →
+/// 65 ms). From 3 or 4 input channels im2col is faster.
 pub fn choose(g: &Geometry) -> Option<Tile> {
     let [h, w] = g.output_size();
     let channels = g.channels_in.min(g.channels_out);
     let tiles = |m: usize| g.batch * h.div_ceil(m) * w.div_ceil(m);
     if g.kernel != 3 || g.padding != 1 {
         None
-    } else if (tiles(4) >= 32 && channels >= 128) || (tiles(4) >= 64 && channels >= 64) {
+    } else if (tiles(4) >= 32 && channels >= 128)
+        || (tiles(4) >= 64 && channels >= 64)
+        || (tiles(4) >= 64 && g.channels_in >= 32 && g.channels_out < 64)
+    {
         Some(Tile::F4)
     } else if tiles(2) >= 64 && channels >= 320 {
         Some(Tile::F2)
