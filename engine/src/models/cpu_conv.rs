@@ -403,6 +403,17 @@ pub fn plan(conv: &Conv2d, x: &Tensor<4>, upsample: bool) -> Option<Geometry> {
     (weight_in == channels_in && g.valid()).then_some(g)
 }
 
+/// `len` zeros, written by every thread of the pool: a 512² decoder layer's output is 64 MiB, and
+/// zeroing it (or the kernel clearing its fresh pages) on one thread left the other idle.
+fn zeros(len: usize) -> Vec<f32> {
+    if len < 1 << 20 {
+        return vec![0f32; len];
+    }
+    let mut zeros = Vec::new();
+    zeros.par_extend(rayon::iter::repeat_n(0f32, len));
+    zeros
+}
+
 /// `relu?(conv(upsample?(x)) (+ residual))` for a geometry from [`plan`]. A residual that nothing
 /// else holds becomes the output in place.
 pub fn run(
@@ -424,7 +435,7 @@ pub fn run(
                 Dst::Accumulate,
             )
         }
-        None => (vec![0f32; out_shape.iter().product()], Dst::Overwrite),
+        None => (zeros(out_shape.iter().product()), Dst::Overwrite),
     };
     let (input, input_start) = flex(x);
     let (weight, weight_start) = flex(conv.weight.val());
@@ -518,6 +529,15 @@ mod tests {
                 error < tolerance * scale,
                 "max error {error} (scale {scale}) for {batch}×{c_in}→{c_out} {h}×{w} k{k}"
             );
+        }
+    }
+
+    #[test]
+    fn outputs_start_as_zeros_of_their_length() {
+        for len in [0, 5, (1 << 20) - 1, 1 << 20, (3 << 20) + 7] {
+            let zeros = zeros(len);
+            assert_eq!(zeros.len(), len);
+            assert!(zeros.iter().all(|&x| x == 0.0), "{len} zeros");
         }
     }
 
