@@ -405,7 +405,7 @@ pub fn plan(conv: &Conv2d, x: &Tensor<4>, upsample: bool) -> Option<Geometry> {
 
 /// `len` zeros, written by every thread of the pool: a 512² decoder layer's output is 64 MiB, and
 /// zeroing it (or the kernel clearing its fresh pages) on one thread left the other idle.
-fn zeros(len: usize) -> Vec<f32> {
+pub(crate) fn zeros(len: usize) -> Vec<f32> {
     if len < 1 << 20 {
         return vec![0f32; len];
     }

@@ -15,7 +15,7 @@
 
 use rayon::prelude::*;
 
-use super::cpu_conv::{Geometry, Operands, Store};
+use super::cpu_conv::{Geometry, Operands, Store, zeros};
 use super::cpu_gemm::{Dst, Matrix, matmul, vectorized, wide_vectors};
 #[cfg(target_arch = "x86_64")]
 use super::cpu_lanes::{Avx, Avx512};
@@ -515,8 +515,8 @@ pub fn convolve(
     let band = (band_floats / (positions * c_in.max(c_out) * row_tiles))
         .max(min_tiles.div_ceil(row_tiles))
         .clamp(1, tile_rows);
-    let mut v = vec![0f32; positions * c_in * band * row_tiles];
-    let mut p = vec![0f32; positions * c_out * band * row_tiles];
+    let mut v = zeros(positions * c_in * band * row_tiles);
+    let mut p = zeros(positions * c_out * band * row_tiles);
     for top in (0..tile_rows).step_by(band) {
         let rows = band.min(tile_rows - top);
         // Tiles of one image in this band, and of the whole batch.
