@@ -76,7 +76,8 @@ fn interleave_by_lane<V: Lanes, const M: usize>(rows: [V; M], out: &mut [f32]) {
     }
 }
 
-/// Eight lanes as an array, for CPUs without AVX: the compiler picks the vectors it has.
+/// Eight lanes as an array, for CPUs without AVX2 and FMA and for other architectures: the
+/// compiler picks the vectors they have.
 #[derive(Clone, Copy)]
 pub struct Portable([f32; 8]);
 
