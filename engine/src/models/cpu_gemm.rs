@@ -21,9 +21,7 @@ macro_rules! vectorized {
                 return;
             }
             #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
+            if $crate::models::cpu_gemm::fma_vectors() {
                 vectorized!(@run "avx2,fma", body::<true, false>, $($arg: $ty),*);
                 return;
             }
@@ -50,6 +48,13 @@ pub(crate) use vectorized;
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn wide_vectors() -> bool {
     std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Whether [`vectorized`] runs at least its AVX2 build on this CPU (8-wide vectors, fused
+/// multiply-adds).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn fma_vectors() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 /// Whether [`vectorized`] runs an AVX-512 build: never off x86-64.

@@ -16,7 +16,9 @@
 use rayon::prelude::*;
 
 use super::cpu_conv::{Geometry, Operands, Store, zeros};
-use super::cpu_gemm::{Dst, Matrix, matmul, vectorized, wide_vectors};
+use super::cpu_gemm::{Dst, Matrix, matmul, vectorized};
+#[cfg(target_arch = "x86_64")]
+use super::cpu_gemm::{fma_vectors, wide_vectors};
 #[cfg(target_arch = "x86_64")]
 use super::cpu_lanes::{Avx, Avx512};
 use super::cpu_lanes::{Lanes, MAX_WIDTH, Portable};
@@ -233,9 +235,7 @@ impl Width {
         #[cfg(target_arch = "x86_64")]
         if wide_vectors() {
             return Self::Avx512;
-        } else if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
+        } else if fma_vectors() {
             return Self::Avx;
         }
         Self::Portable
