@@ -8,7 +8,8 @@
 //! vector lanes and both products are the same register-blocked kernel: a panel of 5 or 6 rows
 //! (keys for the scores, value channels for the output) times the 16 query lanes, accumulated in
 //! 12 vector registers. Keys and values are copied once per head into those panels, and each block
-//! of 256 exponentiated scores is read by every panel of values while it is in the L1 cache.
+//! of exponentiated scores (256 keys of a tile, 16 KiB) is read by every panel of values while it
+//! is in the L1 cache.
 //!
 //! Measured side by side in one process on two cores, against two `gemm`-crate products per block
 //! of 256 queries (whose 4 MiB of scores live in the L3 cache, and whose keys and values the crate
@@ -19,7 +20,10 @@
 //! multiply-adds per score in each product. Burn's fused CPU kernel reaches about a third of the
 //! machine's matrix-multiply rate there. On a CPU with AVX-512 the panels grow to 12 keys and 8–12
 //! value channels (see [`Panels`]): 0.72–0.92× the time of 6 and 5 at 64², side by side, and
-//! 140–180 GFLOP/s on two cores.
+//! 140–180 GFLOP/s on two cores. There, too, two tiles run through each panel together, so every
+//! value broadcast from a panel feeds two multiply-adds, and each tile's lanes sit on cache lines
+//! of their own: with both, 0.62–0.93× the time at 64² and 0.69–0.85× at 32² (alternate runs, best
+//! of five: 246 → 186 ms and 35 → 24 ms, about 230 GFLOP/s at 64²).
 
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
@@ -39,6 +43,12 @@ struct Panels {
     keys: usize,
     /// Value channels per panel of the weighted sum.
     values: usize,
+    /// Tiles whose products share each value read from a panel: with AVX-512, two tiles' 2 × 8–12
+    /// sums fill the 32 registers, and each scalar broadcast from a panel feeds two multiply-adds
+    /// instead of one. One broadcast per multiply-add held the products to about half the
+    /// multiply-add rate (single-core loops at 64², side by side: 1.1–1.3× faster with two tiles
+    /// on the scores, 1.1–1.3× on the weighted sum).
+    tiles: usize,
 }
 
 impl Panels {
@@ -50,17 +60,21 @@ impl Panels {
     /// For value heads of `dv` channels: a height that divides them where one does (40 and 80 in
     /// Stable Diffusion 1.5, 64 in 2.x), so no panel is padding.
     fn new(wide: bool, dv: usize) -> Panels {
-        let (keys, choices) = if wide {
-            (12, &[10, 8, 12][..])
+        let (keys, choices, tiles) = if wide {
+            (12, &[10, 8, 12][..], 2)
         } else {
-            (6, &[5, 6][..])
+            (6, &[5, 6][..], 1)
         };
         let values = choices
             .iter()
             .copied()
             .find(|&m| dv.is_multiple_of(m))
             .unwrap_or(*choices.last().unwrap());
-        Panels { keys, values }
+        Panels {
+            keys,
+            values,
+            tiles,
+        }
     }
 }
 
@@ -74,8 +88,28 @@ const GROUP_KEY_BYTES: usize = 1 << 20;
 /// The most tiles in a group.
 const MAX_GROUP: usize = 8;
 
-/// One value per query of a tile.
-type Lanes = [f32; TILE];
+/// One value per query of a tile, on a cache line of its own: a 16-wide load of lanes that
+/// straddle two lines costs two loads, which cut the weighted sum's rate by about a third.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
+struct Lanes([f32; TILE]);
+
+impl Lanes {
+    const ZERO: Lanes = Lanes([0.0; TILE]);
+}
+
+impl std::ops::Deref for Lanes {
+    type Target = [f32; TILE];
+    fn deref(&self) -> &[f32; TILE] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Lanes {
+    fn deref_mut(&mut self) -> &mut [f32; TILE] {
+        &mut self.0
+    }
+}
 
 /// Whether this kernel pays off: enough keys that the products dominate.
 pub fn worthwhile(queries: usize, keys: usize) -> bool {
@@ -128,7 +162,7 @@ fn attention_in_panels(
     // Tiles that read each panel of keys and values together: one where a head's keys fit in the
     // L2 cache with room to spare, more where they do not (the VAE's 512-channel head: 8 MiB of
     // keys at 64²), so they are not read from memory again for every 16 queries.
-    let group = (padded_keys * d * 4 / GROUP_KEY_BYTES).clamp(1, MAX_GROUP);
+    let group = (padded_keys * d * 4 / GROUP_KEY_BYTES).clamp(panels.tiles, MAX_GROUP);
     let tiles = batch * len_q.div_ceil(TILE);
     let tiles_per_task = tiles
         .div_ceil(TASKS_PER_THREAD * rayon::current_num_threads())
@@ -141,9 +175,9 @@ fn attention_in_panels(
             out.par_chunks_mut(tiles_per_task * TILE * width_v)
                 .zip(q.par_chunks(tiles_per_task * TILE * width))
                 .for_each(|(out, q)| {
-                    let mut queries = vec![[0f32; TILE]; group * d];
-                    let mut scores = vec![[0f32; TILE]; group * padded_keys];
-                    let mut result = vec![[0f32; TILE]; group * padded_dv];
+                    let mut queries = vec![Lanes::ZERO; group * d];
+                    let mut scores = vec![Lanes::ZERO; group * padded_keys];
+                    let mut result = vec![Lanes::ZERO; group * padded_dv];
                     for head in 0..heads {
                         let keys =
                             &key_panels[(b * heads + head) * padded_keys * d..][..padded_keys * d];
@@ -237,52 +271,115 @@ fn pack_heads(
     packed
 }
 
-/// `acc[m][l] += Σᵢ panel[i][m] · lanes[i][l]`: a panel of `M` rows against a tile's lanes, in
-/// 2·`M` 8-wide vector registers, or `M` 16-wide ones in [`vectorized`]'s AVX-512 build (`WIDE`).
+/// For each of `T` tiles `t`: `out[t·out_stride + m][l] (+)= Σᵢ panel[i][m] · lanes[t·lanes_stride
+/// + i][l]`, a panel of `M` rows (`panel.len() / M` long) against each tile's lanes, written over
+/// `out` or, with `accumulate`, added to it. In [`vectorized`]'s AVX-512 build (`WIDE`) the `T·M`
+/// sums are 16-wide registers and each value of the panel is broadcast once for all `T` tiles;
+/// otherwise each tile in turn, in 2·`M` 8-wide registers.
 #[inline(always)]
-fn panel_product<const M: usize, const FMA: bool, const WIDE: bool>(
+#[allow(clippy::too_many_arguments)]
+fn panel_product<const M: usize, const T: usize, const FMA: bool, const WIDE: bool>(
     panel: &[f32],
     lanes: &[Lanes],
-    mut acc: [Lanes; M],
-) -> [Lanes; M] {
+    lanes_stride: usize,
+    out: &mut [Lanes],
+    out_stride: usize,
+    accumulate: bool,
+) {
+    let rows = panel.len() / M;
+    assert!(
+        lanes.len() >= (T - 1) * lanes_stride + rows && out.len() >= (T - 1) * out_stride + M,
+        "panel product bounds"
+    );
     #[cfg(target_arch = "x86_64")]
     if WIDE {
         // Written with intrinsics: from plain loops the compiler builds this product for 16-wide
         // vectors out of gathers and scatters when M is 8 or 12, at a tenth of the speed.
-        use std::arch::x86_64::{__m512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps};
-        use std::arch::x86_64::{_mm512_setzero_ps, _mm512_storeu_ps};
+        use std::arch::x86_64::{__m512, _mm512_fmadd_ps, _mm512_load_ps, _mm512_set1_ps};
+        use std::arch::x86_64::{_mm512_setzero_ps, _mm512_store_ps};
         #[allow(unsafe_code)]
         // SAFETY: `WIDE` is true only in the build `vectorized` runs on CPUs with AVX-512F, which
-        // these intrinsics need. Every load and store is of a whole 16-lane `Lanes` array.
+        // these intrinsics need. Every load and store is of a whole `Lanes`, 64-byte aligned, at
+        // an index the assert above keeps inside `lanes` (tile t's row i < rows) or `out` (tile
+        // t's row m < M); `panel` is read through its checked chunks.
         unsafe {
-            let mut sums: [__m512; M] = [_mm512_setzero_ps(); M];
-            for m in 0..M {
-                sums[m] = _mm512_loadu_ps(acc[m].as_ptr());
-            }
-            for (a, b) in panel.as_chunks::<M>().0.iter().zip(lanes) {
-                let b = _mm512_loadu_ps(b.as_ptr());
-                for m in 0..M {
-                    sums[m] = _mm512_fmadd_ps(_mm512_set1_ps(a[m]), b, sums[m]);
+            let mut sums: [[__m512; M]; T] = [[_mm512_setzero_ps(); M]; T];
+            if accumulate {
+                for (t, sums) in sums.iter_mut().enumerate() {
+                    for (m, sum) in sums.iter_mut().enumerate() {
+                        *sum = _mm512_load_ps(out.as_ptr().add(t * out_stride + m).cast());
+                    }
                 }
             }
+            for (i, a) in panel.as_chunks::<M>().0.iter().enumerate() {
+                let mut b: [__m512; T] = [_mm512_setzero_ps(); T];
+                for (t, b) in b.iter_mut().enumerate() {
+                    *b = _mm512_load_ps(lanes.as_ptr().add(t * lanes_stride + i).cast());
+                }
+                for m in 0..M {
+                    let a = _mm512_set1_ps(a[m]);
+                    for t in 0..T {
+                        sums[t][m] = _mm512_fmadd_ps(a, b[t], sums[t][m]);
+                    }
+                }
+            }
+            for (t, sums) in sums.iter().enumerate() {
+                for (m, &sum) in sums.iter().enumerate() {
+                    _mm512_store_ps(out.as_mut_ptr().add(t * out_stride + m).cast(), sum);
+                }
+            }
+        }
+        return;
+    }
+    for t in 0..T {
+        let lanes = &lanes[t * lanes_stride..][..rows];
+        let mut acc = [[0f32; TILE]; M];
+        if accumulate {
             for m in 0..M {
-                _mm512_storeu_ps(acc[m].as_mut_ptr(), sums[m]);
+                acc[m] = *out[t * out_stride + m];
             }
         }
-        return acc;
-    }
-    for (a, b) in panel.as_chunks::<M>().0.iter().zip(lanes) {
+        for (a, b) in panel.as_chunks::<M>().0.iter().zip(lanes) {
+            for m in 0..M {
+                for l in 0..TILE {
+                    acc[m][l] = mul_add::<FMA>(a[m], b[l], acc[m][l]);
+                }
+            }
+        }
         for m in 0..M {
-            for l in 0..TILE {
-                acc[m][l] = mul_add::<FMA>(a[m], b[l], acc[m][l]);
-            }
+            out[t * out_stride + m] = Lanes(acc[m]);
         }
     }
-    acc
 }
 
-/// Keys per block of the weighted sum: a block's probabilities (16 KiB) stay in the L1 cache while
-/// every panel of values reads them.
+/// [`panel_product`] for every tile of a group (`tiles` of them, `lanes_stride` and `out_stride`
+/// apart): `T` tiles at a time, then one at a time for the rest.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn group_product<const M: usize, const T: usize, const FMA: bool, const WIDE: bool>(
+    panel: &[f32],
+    lanes: &[Lanes],
+    lanes_stride: usize,
+    out: &mut [Lanes],
+    out_stride: usize,
+    tiles: usize,
+    accumulate: bool,
+) {
+    let mut t = 0;
+    while t + T <= tiles {
+        let (lanes, out) = (&lanes[t * lanes_stride..], &mut out[t * out_stride..]);
+        panel_product::<M, T, FMA, WIDE>(panel, lanes, lanes_stride, out, out_stride, accumulate);
+        t += T;
+    }
+    while t < tiles {
+        let (lanes, out) = (&lanes[t * lanes_stride..], &mut out[t * out_stride..]);
+        panel_product::<M, 1, FMA, WIDE>(panel, lanes, lanes_stride, out, out_stride, accumulate);
+        t += 1;
+    }
+}
+
+/// Keys per block of the weighted sum, for one tile at a time: a block's probabilities (16 KiB)
+/// stay in the L1 cache while every panel of values reads them. Tiles read together share it.
 const KEY_BLOCK: usize = 256;
 
 /// The output of a group of tiles for one head (`result`, for each tile one value channel per
@@ -291,7 +388,7 @@ const KEY_BLOCK: usize = 256;
 /// panel of values while it is in the L1 cache (L2 for a group), and each block of a panel of values
 /// is read by every tile of the group while it is in L1.
 #[inline(always)]
-fn weigh<const M: usize, const FMA: bool, const WIDE: bool>(
+fn weigh<const M: usize, const T: usize, const FMA: bool, const WIDE: bool>(
     values: &[f32],
     len_kv: usize,
     padded_keys: usize,
@@ -301,11 +398,11 @@ fn weigh<const M: usize, const FMA: bool, const WIDE: bool>(
 ) {
     let tiles = scores.len() / padded_keys;
     let padded_dv = result.len() / tiles;
-    result.fill([0.0; TILE]);
+    result.fill(Lanes::ZERO);
     // Two sums per lane, alternate keys, so no lane adds thousands of terms in one chain.
     let mut sums = [[[0f32; TILE]; 2]; MAX_GROUP];
-    for start in (0..len_kv).step_by(KEY_BLOCK) {
-        let keys = KEY_BLOCK.min(len_kv - start);
+    for start in (0..len_kv).step_by(KEY_BLOCK / T) {
+        let keys = (KEY_BLOCK / T).min(len_kv - start);
         for (g, scores) in scores.chunks_mut(padded_keys).enumerate() {
             let (pairs, last) = scores[start..][..keys].as_chunks_mut::<2>();
             for pair in pairs {
@@ -325,10 +422,16 @@ fn weigh<const M: usize, const FMA: bool, const WIDE: bool>(
         }
         for (p, panel) in values.chunks_exact(len_kv * M).enumerate() {
             let panel = &panel[start * M..][..keys * M];
-            for (scores, result) in scores.chunks(padded_keys).zip(result.chunks_mut(padded_dv)) {
-                let rows: &mut [Lanes; M] = (&mut result[p * M..][..M]).try_into().unwrap();
-                *rows = panel_product::<M, FMA, WIDE>(panel, &scores[start..][..keys], *rows);
-            }
+            let (probabilities, out) = (&scores[start..], &mut result[p * M..]);
+            group_product::<M, T, FMA, WIDE>(
+                panel,
+                probabilities,
+                padded_keys,
+                out,
+                padded_dv,
+                tiles,
+                true,
+            );
         }
     }
     for (result, sums) in result.chunks_mut(padded_dv).zip(&sums) {
@@ -359,27 +462,28 @@ vectorized! {
         result: &mut [Lanes],
     ) {
         let padded_keys = len_kv.next_multiple_of(panels.keys);
-        let max = match panels.keys {
-            6 => score::<6, FMA, WIDE>(queries, keys, len_kv, scores),
-            12 => score::<12, FMA, WIDE>(queries, keys, len_kv, scores),
-            other => unreachable!("no key panels of {other} rows"),
+        let max = match (panels.keys, panels.tiles) {
+            (6, 1) => score::<6, 1, FMA, WIDE>(queries, keys, len_kv, scores),
+            (12, 2) => score::<12, 2, FMA, WIDE>(queries, keys, len_kv, scores),
+            other => unreachable!("no key panels of {other:?} rows and tiles"),
         };
         // Direct calls, not a function pointer: each must be inlined into this build's features.
-        match panels.values {
-            5 => weigh::<5, FMA, WIDE>(values, len_kv, padded_keys, scores, &max, result),
-            6 => weigh::<6, FMA, WIDE>(values, len_kv, padded_keys, scores, &max, result),
-            8 => weigh::<8, FMA, WIDE>(values, len_kv, padded_keys, scores, &max, result),
-            10 => weigh::<10, FMA, WIDE>(values, len_kv, padded_keys, scores, &max, result),
-            12 => weigh::<12, FMA, WIDE>(values, len_kv, padded_keys, scores, &max, result),
-            other => unreachable!("no value panels of {other} rows"),
+        let (v, k, s, m, r) = (values, len_kv, padded_keys, &max, result);
+        match (panels.values, panels.tiles) {
+            (5, 1) => weigh::<5, 1, FMA, WIDE>(v, k, s, scores, m, r),
+            (6, 1) => weigh::<6, 1, FMA, WIDE>(v, k, s, scores, m, r),
+            (8, 2) => weigh::<8, 2, FMA, WIDE>(v, k, s, scores, m, r),
+            (10, 2) => weigh::<10, 2, FMA, WIDE>(v, k, s, scores, m, r),
+            (12, 2) => weigh::<12, 2, FMA, WIDE>(v, k, s, scores, m, r),
+            other => unreachable!("no value panels of {other:?} rows and tiles"),
         }
     }
 }
 
-/// The scores of each tile's `queries` against every key, in panels of `K` keys, and each lane's
-/// largest score.
+/// The scores of each tile's `queries` against every key, in panels of `K` keys, `T` tiles at a
+/// time, and each lane's largest score.
 #[inline(always)]
-fn score<const K: usize, const FMA: bool, const WIDE: bool>(
+fn score<const K: usize, const T: usize, const FMA: bool, const WIDE: bool>(
     queries: &[Lanes],
     keys: &[f32],
     len_kv: usize,
@@ -388,22 +492,18 @@ fn score<const K: usize, const FMA: bool, const WIDE: bool>(
     let padded_keys = len_kv.next_multiple_of(K);
     let tiles = scores.len() / padded_keys;
     let d = queries.len() / tiles;
-    let mut max = [[f32::NEG_INFINITY; TILE]; MAX_GROUP];
+    let mut max = [Lanes([f32::NEG_INFINITY; TILE]); MAX_GROUP];
     for (p, panel) in keys.chunks_exact(d * K).enumerate() {
+        let out = &mut scores[p * K..];
+        group_product::<K, T, FMA, WIDE>(panel, queries, d, out, padded_keys, tiles, false);
         // The last panel's rows past the last key are padding, not scores.
         let real = K.min(len_kv - p * K);
-        for ((queries, scores), max) in queries
-            .chunks(d)
-            .zip(scores.chunks_mut(padded_keys))
-            .zip(&mut max)
-        {
-            let acc = panel_product::<K, FMA, WIDE>(panel, queries, [[0.0; TILE]; K]);
-            for row in &acc[..real] {
+        for (scores, max) in scores.chunks(padded_keys).zip(&mut max) {
+            for row in &scores[p * K..][..real] {
                 for l in 0..TILE {
                     max[l] = if row[l] > max[l] { row[l] } else { max[l] };
                 }
             }
-            scores[p * K..][..K].copy_from_slice(&acc);
         }
     }
     max
