@@ -121,9 +121,12 @@ fn output_line<V: Lanes, const N: usize, const M: usize>(m: [V; N]) -> [V; M] {
 /// tiles (columns) each position's product gets, over the whole batch, against the cost of
 /// transforming the weights, which grows with the channels and not with the pixels. Measured on
 /// two cores against im2col (Stable Diffusion's shapes, batch 2 unless said): F(4×4, 3×3) is
-/// 2.2–2.9× faster from 64² up at 320 channels and more and at 32² at 640–1920, 1.9× at 16² with
-/// 1280–2560 channels, 1.2× at 32² with 64; with 16 tiles or fewer (16² at batch 1) F(2×2, 3×3)
-/// wins, 1.1–1.35× from 320 channels; at 8² im2col is as fast or faster than either. With few
+/// 2.2–2.9× faster from 64² up at 320 channels and more and at 32² at 640–1920, 1.2× at 32² with
+/// 64. With fewer than 64 tiles of 4×4 (16² latents) F(2×2, 3×3) wins from 320 channels: its
+/// transformed weights, written and read back for every convolution, are 16/36 the size, which
+/// outweighs its 1.8× more multiplications there (AVX-512, batch 2, 640–2560 → 640–1280 channels:
+/// 0.84–0.97× F(4×4, 3×3)'s time, which is 0.7–0.8× im2col's; at batch 1, 1.1–1.35× faster than
+/// im2col). At 8² im2col is as fast or faster than either. With few
 /// output channels (a decoder's 3 colours, a UNet's 4 latent channels) the product is small and
 /// im2col's copies, nine of the input, cost the most: F(4×4, 3×3) transforms 2.25 and is 2–4×
 /// faster from 32 input channels and 64 tiles (64 → 3 at 512²: 100 → 45 ms; 128 → 3: 150–250 →
@@ -134,6 +137,8 @@ pub fn choose(g: &Geometry) -> Option<Tile> {
     let tiles = |m: usize| g.batch * h.div_ceil(m) * w.div_ceil(m);
     if g.kernel != 3 || g.padding != 1 {
         None
+    } else if tiles(4) < 64 && tiles(2) >= 64 && channels >= 320 {
+        Some(Tile::F2)
     } else if (tiles(4) >= 32 && channels >= 128)
         || (tiles(4) >= 64 && channels >= 64)
         || (tiles(4) >= 64 && g.channels_in >= 32 && g.channels_out < 64)
