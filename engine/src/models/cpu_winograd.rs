@@ -16,7 +16,7 @@
 use rayon::prelude::*;
 
 use super::cpu_conv::{Geometry, Operands, Store, zeros};
-use super::cpu_gemm::{Dst, Matrix, matmul, vectorized};
+use super::cpu_gemm::{Dst, Matrix, matmul, mul_add, vectorized};
 #[cfg(target_arch = "x86_64")]
 use super::cpu_gemm::{fma_vectors, wide_vectors};
 #[cfg(target_arch = "x86_64")]
@@ -152,9 +152,8 @@ pub fn choose(g: &Geometry) -> Option<Tile> {
 }
 
 /// G g Gᵀ for every (output, input) channel pair, laid out [c_out][position][c_in] so that each
-/// position's matrix is a strided [c_out × c_in] view. The transform is linear in the nine taps, so
-/// it is one small product per output channel, `[position × tap] · [tap × c_in]`, whose matrix is
-/// the transform of each unit kernel.
+/// position's matrix is a strided [c_out × c_in] view. The transform is linear in the nine taps:
+/// each position is a fixed combination of them, the transform of each unit kernel.
 fn transform_weights(tile: Tile, weight: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
     let (n, positions) = (tile.size(), tile.positions());
     let mut transform = vec![0f32; positions * 9];
@@ -171,31 +170,87 @@ fn transform_weights(tile: Tile, weight: &[f32], c_out: usize, c_in: usize) -> V
             }
         }
     }
-    // Not zeroed first: up to 36 × 2560 × 1280 floats, every one written by its product.
+    // Not zeroed first: up to 36 × 1920 × 640 floats, every one written below.
     let len = c_out * positions * c_in;
     assert_eq!(weight.len(), c_out * c_in * 9, "3×3 weights");
     let mut u = Vec::with_capacity(len);
     u.spare_capacity_mut()[..len]
         .par_chunks_mut(positions * c_in)
         .zip(weight.par_chunks_exact(c_in * 9))
-        .for_each(|(u, w)| {
-            matmul(
-                u,
-                c_in,
-                Dst::Overwrite,
-                Matrix::new(&transform, positions, 9, 9),
-                Matrix::transpose_of(w, 9, c_in, 9),
-                1.0,
-                false,
-            )
-        });
+        .for_each(|(u, w)| transform_channel(&transform, w, u));
     #[allow(unsafe_code)]
     // SAFETY: the chunks cover all `len` elements (c_out of them, `positions × c_in` each), and
-    // each product overwrites all of its chunk: `positions` rows of `c_in`, `c_in` apart.
+    // `transform_channel` writes all of its chunk.
     unsafe {
         u.set_len(len)
     };
     u
+}
+
+/// Input channels per block of [`transform_channel`]: one 16-wide vector.
+const CHANNEL_BLOCK: usize = 16;
+
+/// A block of input channels' taps, one tap per row.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Taps([[f32; CHANNEL_BLOCK]; 9]);
+
+vectorized! {
+    /// One output channel's weights `w` ([c_in][9]) through `transform` ([position][9]) into `u`
+    /// ([position][c_in]), every element of which it writes: 16 input channels at a time, their
+    /// taps turned into rows so each position is 9 multiply-adds of whole vectors. The result is
+    /// read back only after the whole layer's weights (up to 210 MB) are written, so the AVX-512
+    /// build stores it past the caches, which also saves reading each line in before writing it.
+    fn transform_channel(transform: &[f32], w: &[f32], u: &mut [std::mem::MaybeUninit<f32>]) {
+        let c_in = w.len() / 9;
+        let positions = transform.len() / 9;
+        assert_eq!(u.len(), positions * c_in, "transformed weights' size");
+        let mut taps = Taps([[0.0; CHANNEL_BLOCK]; 9]);
+        let mut streamed = false;
+        for start in (0..c_in).step_by(CHANNEL_BLOCK) {
+            let block = CHANNEL_BLOCK.min(c_in - start);
+            for (j, kernel) in w[start * 9..][..block * 9].chunks_exact(9).enumerate() {
+                for (row, &tap) in taps.0.iter_mut().zip(kernel) {
+                    row[j] = tap;
+                }
+            }
+            for (p, t) in transform.chunks_exact(9).enumerate() {
+                let mut acc = [0f32; CHANNEL_BLOCK];
+                for (row, &t) in taps.0.iter().zip(t) {
+                    for j in 0..CHANNEL_BLOCK {
+                        acc[j] = mul_add::<FMA>(t, row[j], acc[j]);
+                    }
+                }
+                let out = &mut u[p * c_in + start..][..block];
+                #[cfg(target_arch = "x86_64")]
+                if WIDE && block == CHANNEL_BLOCK && out.as_ptr().addr().is_multiple_of(64) {
+                    use std::arch::x86_64::{_mm512_loadu_ps, _mm512_stream_ps};
+                    #[allow(unsafe_code)]
+                    // SAFETY: `WIDE` is true only in the AVX-512 build, run on CPUs that have
+                    // it; `out` is 16 floats, 64-byte aligned as the streaming store needs, and
+                    // `acc` is 16 floats.
+                    unsafe {
+                        _mm512_stream_ps(out.as_mut_ptr().cast(), _mm512_loadu_ps(acc.as_ptr()))
+                    };
+                    streamed = true;
+                    continue;
+                }
+                for (x, &v) in out.iter_mut().zip(&acc) {
+                    x.write(v);
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if streamed {
+            #[allow(unsafe_code)]
+            // SAFETY: a store fence, which every x86-64 CPU has: the streamed stores are seen by
+            // other threads before anything this thread stores after it.
+            unsafe {
+                std::arch::x86_64::_mm_sfence()
+            };
+        }
+        let _ = streamed;
+    }
 }
 
 /// `phases[p · len + t] = padded[M · t + p]`, where `padded` is `row` with one zero in front and
