@@ -206,7 +206,6 @@ vectorized! {
         let positions = transform.len() / 9;
         assert_eq!(u.len(), positions * c_in, "transformed weights' size");
         let mut taps = Taps([[0.0; CHANNEL_BLOCK]; 9]);
-        let mut streamed = false;
         for start in (0..c_in).step_by(CHANNEL_BLOCK) {
             let block = CHANNEL_BLOCK.min(c_in - start);
             for (j, kernel) in w[start * 9..][..block * 9].chunks_exact(9).enumerate() {
@@ -232,7 +231,6 @@ vectorized! {
                     unsafe {
                         _mm512_stream_ps(out.as_mut_ptr().cast(), _mm512_loadu_ps(acc.as_ptr()))
                     };
-                    streamed = true;
                     continue;
                 }
                 for (x, &v) in out.iter_mut().zip(&acc) {
@@ -241,7 +239,7 @@ vectorized! {
             }
         }
         #[cfg(target_arch = "x86_64")]
-        if streamed {
+        if WIDE {
             #[allow(unsafe_code)]
             // SAFETY: a store fence, which every x86-64 CPU has: the streamed stores are seen by
             // other threads before anything this thread stores after it.
@@ -249,7 +247,6 @@ vectorized! {
                 std::arch::x86_64::_mm_sfence()
             };
         }
-        let _ = streamed;
     }
 }
 
