@@ -9,6 +9,7 @@ use burn::tensor::{DType, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::cpu_activation;
+use super::cpu_pool;
 use super::layers::{cast, layer_norm, layer_normalize, linear, multi_head_attention, project};
 
 /// The MLP activation: SD1's CLIP uses quick GELU, OpenCLIP exact GELU.
@@ -120,6 +121,11 @@ impl ClipTextModel {
     /// # Shapes
     /// ids: [batch, tokens] → [batch, tokens, hidden]
     pub fn forward(&self, ids: Tensor<2, Int>, skip_last: usize) -> Tensor<3> {
+        let device = ids.device();
+        cpu_pool::awake(&device, || self.encode(ids, skip_last))
+    }
+
+    fn encode(&self, ids: Tensor<2, Int>, skip_last: usize) -> Tensor<3> {
         let [batch, tokens] = ids.dims();
         let positions = self.embeddings.position_embedding.weight.dims()[0];
         assert!(

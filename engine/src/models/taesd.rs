@@ -11,6 +11,7 @@ use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::cpu_pool;
 use super::layers::{cast, conv2d, convolve, convolve_fused};
 
 /// `config.json` of an `AutoencoderTiny`.
@@ -231,10 +232,13 @@ impl Taesd {
     /// # Shapes
     /// latents: [batch, 4, h, w] → [batch, 3, 8h, 8w]
     pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
-        let x = latents.div_scalar(3.0).tanh().mul_scalar(3.0);
-        let x = cast(x, self.decoder.dtype());
-        let image = run(&self.decoder.layers, x).mul_scalar(2.0).sub_scalar(1.0);
-        cast(image, DType::F32)
+        let device = latents.device();
+        cpu_pool::awake(&device, || {
+            let x = latents.div_scalar(3.0).tanh().mul_scalar(3.0);
+            let x = cast(x, self.decoder.dtype());
+            let image = run(&self.decoder.layers, x).mul_scalar(2.0).sub_scalar(1.0);
+            cast(image, DType::F32)
+        })
     }
 
     /// An image in [-1, 1] to scaled latents.
@@ -242,8 +246,11 @@ impl Taesd {
     /// # Shapes
     /// image: [batch, 3, h, w] → [batch, 4, h/8, w/8]
     pub fn encode(&self, image: Tensor<4>) -> Tensor<4> {
-        let x = cast(image.add_scalar(1.0).div_scalar(2.0), self.encoder.dtype());
-        cast(run(&self.encoder.layers, x), DType::F32)
+        let device = image.device();
+        cpu_pool::awake(&device, || {
+            let x = cast(image.add_scalar(1.0).div_scalar(2.0), self.encoder.dtype());
+            cast(run(&self.encoder.layers, x), DType::F32)
+        })
     }
 }
 

@@ -7,6 +7,7 @@ use burn::nn::conv::Conv2d;
 use burn::tensor::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::cpu_pool;
 use super::layers::{
     Attention, AttentionConfig, cast, check_groups, conv2d, convolve, group_norm, normalize,
 };
@@ -245,6 +246,11 @@ impl AutoencoderKl {
     /// # Shapes
     /// image: [batch, 3, h, w] in [-1, 1] → latents [batch, latent, h/f, w/f] (unscaled)
     pub fn encode(&self, image: Tensor<4>) -> LatentDistribution {
+        let device = image.device();
+        cpu_pool::awake(&device, || self.encode_moments(image))
+    }
+
+    fn encode_moments(&self, image: Tensor<4>) -> LatentDistribution {
         let e = &self.encoder;
         let image = cast(image, e.conv_in.weight.val().dtype());
         let mut x = convolve(&e.conv_in, image);
@@ -267,6 +273,11 @@ impl AutoencoderKl {
     /// # Shapes
     /// latents: [batch, latent, h, w] (unscaled) → image [batch, 3, h·f, w·f], roughly in [-1, 1]
     pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
+        let device = latents.device();
+        cpu_pool::awake(&device, || self.decode_pixels(latents))
+    }
+
+    fn decode_pixels(&self, latents: Tensor<4>) -> Tensor<4> {
         let d = &self.decoder;
         let latents = cast(latents, self.post_quant_conv.weight.val().dtype());
         let x = convolve(&d.conv_in, convolve(&self.post_quant_conv, latents));

@@ -17,6 +17,7 @@ use self::attention::TransformerConfig;
 use self::blocks::{DownBlock, MidBlock, UpBlock};
 use self::embeddings::{TimestepEmbedding, timestep_embedding};
 use self::resnet::{Downsample2D, ResnetConfig, Upsample2D};
+use crate::models::cpu_pool;
 use crate::models::layers::{
     cast, check_groups, conv2d, convolve, group_norm, normalize, repeat_batch,
 };
@@ -400,6 +401,11 @@ impl UNet2DConditionModel {
     /// context: [batch · copies, tokens, cross_attention_dim]
     /// → [batch · copies, out_channels, h, w]
     pub fn forward(&self, x: Tensor<4>, timesteps: &[f32], context: Tensor<3>) -> Tensor<4> {
+        let device = x.device();
+        cpu_pool::awake(&device, || self.predict(x, timesteps, context))
+    }
+
+    fn predict(&self, x: Tensor<4>, timesteps: &[f32], context: Tensor<3>) -> Tensor<4> {
         let [batch, channels, _, _] = x.dims();
         assert_eq!(
             channels, self.in_channels,

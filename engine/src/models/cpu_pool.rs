@@ -1,0 +1,95 @@
+//! The CPU backend's thread pool, kept awake through a model's forward pass.
+//!
+//! A forward pass is thousands of parallel operations, many of them a millisecond or less. Called
+//! from a thread outside rayon's pool, each one is injected into the pool and waited for, and
+//! between two of them the pool's idle workers fall asleep. Waking them again goes through the
+//! kernel (a futex), which on a virtual machine under load costs tens of microseconds per wake, or
+//! more when the host runs the waker's core for the sleeper. [`awake`] instead runs the whole pass on
+//! one worker, while every other worker polls for its parallel work instead of sleeping.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::tensor::Device;
+
+thread_local! {
+    /// Set on the worker that runs an [`awake`] pass, so that nested passes run as they are.
+    static AWAKE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f`, a model's forward pass on `device`. On the CPU backend it runs on a worker of rayon's
+/// pool, with the others polling for its parallel work until it returns; elsewhere (a GPU does
+/// the work) or within another such pass it runs as it is.
+pub fn awake<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
+    if *device != Device::flex() || rayon::current_num_threads() < 2 || AWAKE.get() {
+        return f();
+    }
+    let done = AtomicBool::new(false);
+    rayon::scope(|scope| {
+        let owner = rayon::current_thread_index();
+        for _ in 1..rayon::current_num_threads() {
+            let done = &done;
+            scope.spawn(move |_| {
+                // The pass's own worker may pick this up while it waits for a join: polling there
+                // would never let the pass finish.
+                if rayon::current_thread_index() == owner {
+                    return;
+                }
+                // A spin rather than `std::thread::yield_now`: on a virtual machine each such
+                // system call costs more than a short job, and the scheduler still preempts the
+                // spin for a thread that wakes (the studio's UI).
+                while !done.load(Ordering::Acquire) {
+                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                        std::hint::spin_loop();
+                    }
+                }
+            });
+        }
+        // Stops the polling however `f` ends: a panic must not leave the scope waiting for it.
+        struct Finish<'a>(&'a AtomicBool);
+        impl Drop for Finish<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+                AWAKE.set(false);
+            }
+        }
+        AWAKE.set(true);
+        let _finish = Finish(&done);
+        f()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+
+    #[test]
+    fn runs_parallel_work_and_returns() {
+        let device = Device::flex();
+        let sum: u64 = awake(&device, || {
+            // Nested passes run in place.
+            let inner = awake(&device, || (0..1000u64).into_par_iter().sum::<u64>());
+            inner + (0..100u64).into_par_iter().map(|i| i * 2).sum::<u64>()
+        });
+        assert_eq!(sum, 499_500 + 9_900);
+    }
+
+    #[test]
+    fn a_panicking_pass_does_not_hang() {
+        let device = Device::flex();
+        let result = std::panic::catch_unwind(|| {
+            awake(&device, || {
+                (0..64)
+                    .into_par_iter()
+                    .for_each(|i| assert_ne!(i, 63, "boom"));
+            })
+        });
+        assert!(result.is_err());
+        // The pool still serves later passes.
+        assert_eq!(
+            awake(&device, || (0..10u32).into_par_iter().sum::<u32>()),
+            45
+        );
+    }
+}
