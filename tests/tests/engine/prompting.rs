@@ -82,8 +82,27 @@ fn emphasis_scales_the_weighted_tokens_and_keeps_the_mean() {
     );
     // Negative and positive halves get the same number of chunks.
     let long = "a cat ".repeat(50);
-    let both = pipeline.conditioning(&long, Some("blurry")).unwrap();
+    let both = pipeline.conditioning(&long, Some("(blurry:1.3)")).unwrap();
     assert_eq!(both.dims(), [2, 154, 64]);
+    // Both halves come from one pass of the text encoder: each must be what encoding its prompt
+    // alone gives, weights included (the negative's second chunk is the empty prompt's).
+    let halves = both.chunk(2, 0);
+    let alone = [
+        pipeline.conditioning("(blurry:1.3)", None).unwrap(),
+        pipeline.conditioning(&long, None).unwrap(),
+    ];
+    let empty = pipeline.conditioning("", None).unwrap();
+    let expected = [
+        Tensor::cat(vec![alone[0].clone(), empty], 1),
+        alone[1].clone(),
+    ];
+    for (half, expected) in halves.into_iter().zip(expected) {
+        let (error, _) = max_error(&values(half), &values(expected));
+        assert!(
+            error < 1e-4,
+            "a half differs from its prompt alone by {error}"
+        );
+    }
 }
 
 #[test]
