@@ -10,7 +10,9 @@ use burn::nn::{Linear, PaddingConfig2d};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use burn_flex::FlexTensor;
 
-use super::cpu_conv::flex;
+use rayon::prelude::*;
+
+use super::cpu_conv::{flex, repeated};
 use super::cpu_gemm::{Dst, Matrix, matmul, product};
 
 /// Whether [`run`] can compute `linear(x)`: `x` and the parameters are f32 on the CPU backend.
@@ -79,12 +81,12 @@ pub(crate) fn apply<const D: usize>(
                         .expect("f32 data");
                     if let Some(bias) = bias {
                         output
-                            .chunks_exact_mut(d_output)
+                            .par_chunks_exact_mut(d_output)
                             .for_each(|row| row.iter_mut().zip(bias).for_each(|(y, b)| *y += b));
                     }
                     output
                 }
-                None => bias.expect("a bias").repeat(lhs.rows),
+                None => repeated(bias.expect("a bias"), lhs.rows),
             };
             matmul(
                 &mut output,
@@ -193,7 +195,7 @@ pub(crate) fn map_to_tokens(parameters: &Parameters, x: Tensor<4>) -> Tensor<3> 
     let (x, start) = flex(x);
     let x = &x.storage::<f32>()[start..][..batch * inputs * pixels];
     let mut tokens = match parameters.bias() {
-        Some(bias) => bias.repeat(batch * pixels),
+        Some(bias) => repeated(bias, batch * pixels),
         None => vec![0.0; batch * pixels * outputs],
     };
     for (tokens, image) in tokens
