@@ -222,11 +222,11 @@ pub fn matmul<D: Destination>(
     };
     let dst = SharedDst(dst.as_mut_ptr().cast::<f32>());
     let accumulate = mode == Dst::Accumulate;
-    let flops = 2 * m * n * k;
-    if threads < 2 || !(TILED_FLOPS..TILED_MAX).contains(&flops) {
+    let product = |block, parallel| {
         #[allow(unsafe_code)]
-        // SAFETY: the asserts above keep the whole product inside the three slices; `dst` is
-        // borrowed mutably, so it overlaps neither operand.
+        // SAFETY: the asserts above keep the whole product inside the three slices, and `dst`,
+        // borrowed mutably, overlaps neither operand. Each call below writes a block of `dst` that
+        // no other call writes.
         unsafe {
             gemm_block(
                 dst,
@@ -235,10 +235,13 @@ pub fn matmul<D: Destination>(
                 lhs,
                 rhs,
                 scale,
-                [0..m, 0..n],
+                block,
                 parallel,
             )
-        };
+        }
+    };
+    if threads < 2 || !(TILED_FLOPS..TILED_MAX).contains(&(2 * m * n * k)) {
+        product([0..m, 0..n], parallel);
         return;
     }
     let [rows, cols] = tile_size(m, n, threads);
@@ -250,22 +253,9 @@ pub fn matmul<D: Destination>(
                 .map(move |c| [r..(r + rows).min(m), c..(c + cols).min(n)])
         })
         .collect();
-    blocks.into_par_iter().for_each(|block| {
-        #[allow(unsafe_code)]
-        // SAFETY: as above, and the blocks do not overlap, so no two threads write one element.
-        unsafe {
-            gemm_block(
-                dst,
-                dst_row_stride,
-                accumulate,
-                lhs,
-                rhs,
-                scale,
-                block,
-                false,
-            )
-        };
-    });
+    blocks
+        .into_par_iter()
+        .for_each(|block| product(block, false));
 }
 
 /// Products of this many flops or more, and fewer than [`TILED_MAX`], are shared out as blocks of
