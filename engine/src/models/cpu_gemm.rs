@@ -224,9 +224,10 @@ pub fn matmul<D: Destination>(
     let accumulate = mode == Dst::Accumulate;
     let product = |block, parallel| {
         #[allow(unsafe_code)]
-        // SAFETY: the asserts above keep the whole product inside the three slices, and `dst`,
-        // borrowed mutably, overlaps neither operand. Each call below writes a block of `dst` that
-        // no other call writes.
+        // SAFETY: the asserts above keep the whole product inside the three slices and its rows
+        // apart (row stride ≥ row length); `dst`, borrowed mutably, overlaps neither operand, `D`
+        // has `f32`'s layout, and an accumulating `dst` is initialised. Each call below writes a
+        // block of `dst` that no other call writes.
         unsafe {
             gemm_block(
                 dst,
@@ -276,8 +277,9 @@ const BLOCKS_PER_THREAD: usize = 4;
 
 /// Rows and columns of the destination's blocks for `threads` threads: about
 /// [`BLOCKS_PER_THREAD`] per thread, split in the ratio of the destination's sides so each block
-/// packs little of the operands that other blocks pack again. gemm's kernels store 6 destination
-/// rows of 64 columns, so blocks are made of whole such tiles where the product has them.
+/// packs little of the operands that other blocks pack again. gemm's AVX-512 kernels store 6
+/// destination rows of 64 columns, so blocks are made of whole such tiles where the product has
+/// them.
 fn tile_size(m: usize, n: usize, threads: usize) -> [usize; 2] {
     let blocks = BLOCKS_PER_THREAD * threads;
     let by_rows = ((blocks * m) as f64 / n as f64)
