@@ -13,8 +13,9 @@ use rayon::prelude::*;
 use super::clip::ClipActivation;
 use super::cpu_attention::exp;
 use super::cpu_conv::flex;
-use super::cpu_gemm::{Matrix, mul_add, product, vectorized};
+use super::cpu_gemm::{Dst, Matrix, matmul, mul_add, vectorized};
 use super::cpu_linear;
+use super::cpu_pool;
 
 /// erf(x) by Abramowitz & Stegun 7.1.26 (absolute error 1.5e-7, below 6e-7 in f32 arithmetic), in
 /// plain arithmetic the compiler vectorises.
@@ -133,7 +134,12 @@ fn two_layers(
     let width = parameters.weight().cols;
     let (x, start) = flex(x);
     let x = &x.storage::<f32>()[start..][..rows * d_input];
-    let mut hidden = product(
+    // Up to 84 MB at 64² latents, kept between layers rather than faulted in again for each.
+    let mut hidden = cpu_pool::floats(rows * width);
+    matmul(
+        &mut hidden,
+        width,
+        Dst::Overwrite,
         Matrix::new(x, rows, d_input, d_input),
         parameters.weight(),
         1.0,

@@ -16,6 +16,7 @@ use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
 use super::cpu_gemm::{Dst, Matrix, matmul, product};
+use super::cpu_pool;
 use super::cpu_winograd::{self, Tile, Width};
 
 /// Floats in one band's im2col matrix (4 MiB): large enough for full-rate products, small enough to
@@ -229,11 +230,12 @@ fn convolve_in_bands(
     } else {
         (band_floats / (depth * out_w)).clamp(1, out_h)
     };
-    let mut columns = if g.is_pointwise() {
-        Vec::new()
+    // Written in full for each band before it is read.
+    let mut columns = cpu_pool::floats(if g.is_pointwise() {
+        0
     } else {
-        vec![0f32; depth * band_rows * out_w]
-    };
+        depth * band_rows * out_w
+    });
     for (image, out) in input
         .chunks_exact(g.channels_in * plane_in)
         .zip(output.chunks_exact_mut(g.channels_out * plane_out))
@@ -279,7 +281,8 @@ fn convolve_merged(output: &mut [f32], mode: Dst, input: &[f32], weights: Matrix
     let (plane_in, plane_out) = (g.height * g.width, out_h * out_w);
     let taps = g.kernel * g.kernel;
     let columns_len = g.batch * plane_out;
-    let mut columns = vec![0f32; weights.cols * columns_len];
+    // Written in full before it is read.
+    let mut columns = cpu_pool::floats(weights.cols * columns_len);
     columns
         .par_chunks_mut(taps * columns_len)
         .enumerate()
@@ -641,9 +644,11 @@ mod tests {
     /// Winograd's F(2×2, 3×3) and F(4×4, 3×3) against im2col on odd sizes (partial last tiles),
     /// upsampled input, a batch, a residual, bands of one tile row, of several and of all, and
     /// products computed one per thread and shared out over the pool; added to a residual and
-    /// written through a ReLU; with each width of vector registers this CPU has.
+    /// written through a ReLU; with each width of vector registers this CPU has. The working
+    /// memory is kept throughout, so later cases run in buffers earlier ones left values in.
     #[test]
     fn winograd_matches_im2col() {
+        let _memory = crate::models::cpu_pool::keep_working_memory();
         let widths: Vec<Width> = [Width::Portable, Width::Avx, Width::Avx512]
             .into_iter()
             .filter(|&width| width <= Width::widest())

@@ -15,13 +15,14 @@
 
 use rayon::prelude::*;
 
-use super::cpu_conv::{Geometry, Operands, Store, zeros};
+use super::cpu_conv::{Geometry, Operands, Store};
 use super::cpu_gemm::{Dst, Matrix, matmul, mul_add, vectorized};
 #[cfg(target_arch = "x86_64")]
 use super::cpu_gemm::{fma_vectors, wide_vectors};
 #[cfg(target_arch = "x86_64")]
 use super::cpu_lanes::{Avx, Avx512};
 use super::cpu_lanes::{Lanes, MAX_WIDTH, Portable};
+use super::cpu_pool;
 
 /// Which minimal filtering algorithm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,10 +152,10 @@ pub fn choose(g: &Geometry) -> Option<Tile> {
     }
 }
 
-/// G g Gᵀ for every (output, input) channel pair, laid out [c_out][position][c_in] so that each
-/// position's matrix is a strided [c_out × c_in] view. The transform is linear in the nine taps:
-/// each position is a fixed combination of them, the transform of each unit kernel.
-fn transform_weights(tile: Tile, weight: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
+/// G g Gᵀ for every (output, input) channel pair into `u`, laid out [c_out][position][c_in] so that
+/// each position's matrix is a strided [c_out × c_in] view. The transform is linear in the nine
+/// taps: each position is a fixed combination of them, the transform of each unit kernel.
+fn transform_weights(tile: Tile, weight: &[f32], c_out: usize, c_in: usize, u: &mut [f32]) {
     let (n, positions) = (tile.size(), tile.positions());
     let mut transform = vec![0f32; positions * 9];
     for tap in 0..9 {
@@ -170,21 +171,15 @@ fn transform_weights(tile: Tile, weight: &[f32], c_out: usize, c_in: usize) -> V
             }
         }
     }
-    // Not zeroed first: up to 36 × 1920 × 640 floats, every one written below.
-    let len = c_out * positions * c_in;
     assert_eq!(weight.len(), c_out * c_in * 9, "3×3 weights");
-    let mut u = Vec::with_capacity(len);
-    u.spare_capacity_mut()[..len]
-        .par_chunks_mut(positions * c_in)
+    assert_eq!(
+        u.len(),
+        c_out * positions * c_in,
+        "transformed weights' size"
+    );
+    u.par_chunks_mut(positions * c_in)
         .zip(weight.par_chunks_exact(c_in * 9))
         .for_each(|(u, w)| transform_channel(&transform, w, u));
-    #[allow(unsafe_code)]
-    // SAFETY: the chunks cover all `len` elements (c_out of them, `positions × c_in` each), and
-    // `transform_channel` writes all of its chunk.
-    unsafe {
-        u.set_len(len)
-    };
-    u
 }
 
 /// Input channels per block of [`transform_channel`]: one 16-wide vector.
@@ -201,7 +196,7 @@ vectorized! {
     /// taps turned into rows so each position is 9 multiply-adds of whole vectors. The result is
     /// read back only after the whole layer's weights (up to 210 MB) are written, so the AVX-512
     /// build stores it past the caches, which also saves reading each line in before writing it.
-    fn transform_channel(transform: &[f32], w: &[f32], u: &mut [std::mem::MaybeUninit<f32>]) {
+    fn transform_channel(transform: &[f32], w: &[f32], u: &mut [f32]) {
         let c_in = w.len() / 9;
         let positions = transform.len() / 9;
         assert_eq!(u.len(), positions * c_in, "transformed weights' size");
@@ -233,9 +228,7 @@ vectorized! {
                     };
                     continue;
                 }
-                for (x, &v) in out.iter_mut().zip(&acc) {
-                    x.write(v);
-                }
+                out.copy_from_slice(&acc[..block]);
             }
         }
         #[cfg(target_arch = "x86_64")]
@@ -565,15 +558,17 @@ pub fn convolve(
     let (m, positions) = (tile.output(), tile.positions());
     let plane_in = g.height * g.width;
     let plane_out = out_h * out_w;
-    let u = transform_weights(tile, operands.weight, c_out, c_in);
+    let mut u = cpu_pool::floats(c_out * positions * c_in);
+    transform_weights(tile, operands.weight, c_out, c_in, &mut u);
     let tiles_w = out_w.div_ceil(m);
     let tile_rows = out_h.div_ceil(m);
     let row_tiles = g.batch * tiles_w;
     let band = (band_floats / (positions * c_in.max(c_out) * row_tiles))
         .max(min_tiles.div_ceil(row_tiles))
         .clamp(1, tile_rows);
-    let mut v = zeros(positions * c_in * band * row_tiles);
-    let mut p = zeros(positions * c_out * band * row_tiles);
+    // Both written in full for each band before they are read.
+    let mut v = cpu_pool::floats(positions * c_in * band * row_tiles);
+    let mut p = cpu_pool::floats(positions * c_out * band * row_tiles);
     for top in (0..tile_rows).step_by(band) {
         let rows = band.min(tile_rows - top);
         // Tiles of one image in this band, and of the whole batch.
