@@ -249,6 +249,8 @@ pub fn run(
         vec![config.size]
     };
     let mut step_seconds = BTreeMap::new();
+    // Steps share their working memory, as a generation's do.
+    let memory = crate::models::cpu_pool::keep_working_memory();
     for &side in &sides {
         progress(&format!("UNet step with CFG at {side}²"));
         // One latent for the [uncond, cond] contexts, as the pipeline steps with guidance.
@@ -274,6 +276,7 @@ pub fn run(
         report.record(&format!("unet_step_{side}_gflops"), flops / steady / 1e9);
         step_seconds.insert(side, steady);
     }
+    drop(memory);
     let side = *sides.last().expect("at least 256");
     let latent = Tensor::<4>::random(
         [1, 4, side / 8, side / 8],

@@ -100,6 +100,7 @@ impl Pipeline<'_> {
         // 1. validate
         request.validate()?;
         let source = self.source(request);
+        let _memory = crate::models::cpu_pool::keep_working_memory();
 
         // 2. encode the prompt: [uncond, cond] when guidance is on (diffusers: scale > 1)
         let guidance = (request.cfg_scale > 1.0).then_some(request.cfg_scale);
