@@ -100,7 +100,6 @@ impl Pipeline<'_> {
         // 1. validate
         request.validate()?;
         let source = self.source(request);
-        let _memory = crate::models::cpu_pool::keep_working_memory();
 
         // 2. encode the prompt: [uncond, cond] when guidance is on (diffusers: scale > 1)
         let guidance = (request.cfg_scale > 1.0).then_some(request.cfg_scale);
@@ -335,7 +334,12 @@ impl Pipeline<'_> {
             image: index,
             denoised: None,
         };
-        let latents = match sampling::sample(request.sampler, &mut denoiser, x, sigmas, &mut rng) {
+        // The steps share their working memory; the decoder, whose activations are the largest,
+        // starts without it.
+        let memory = crate::models::cpu_pool::keep_working_memory();
+        let sampled = sampling::sample(request.sampler, &mut denoiser, x, sigmas, &mut rng);
+        drop(memory);
+        let latents = match sampled {
             Ok(latents) => latents,
             Err(cancelled) => return Ok(Err(cancelled)),
         };
