@@ -643,12 +643,16 @@ mod tests {
 
     /// Winograd's F(2×2, 3×3) and F(4×4, 3×3) against im2col on odd sizes (partial last tiles),
     /// upsampled input, a batch, a residual, bands of one tile row, of several and of all, and
-    /// products computed one per thread and shared out over the pool; added to a residual and
+    /// products computed one per thread and shared out over a pool of many threads; added to a residual and
     /// written through a ReLU; with each width of vector registers this CPU has. The working
     /// memory is kept throughout, so later cases run in buffers earlier ones left values in.
     #[test]
     fn winograd_matches_im2col() {
         let _memory = crate::models::cpu_pool::keep_working_memory();
+        let many_threads = rayon::ThreadPoolBuilder::new()
+            .num_threads(16)
+            .build()
+            .expect("a thread pool");
         let widths: Vec<Width> = [Width::Portable, Width::Avx, Width::Avx512]
             .into_iter()
             .filter(|&width| width <= Width::widest())
@@ -706,26 +710,37 @@ mod tests {
                     .into_iter()
                     .flat_map(|tile| widths.iter().map(move |&width| (tile, width)))
                 {
-                    let mut winograd = residual.clone();
-                    cpu_winograd::convolve(
-                        tile,
-                        width,
-                        &mut winograd,
-                        store,
-                        operands,
-                        &g,
-                        band_floats,
-                        1,
-                    );
-                    let error = direct
-                        .iter()
-                        .zip(&winograd)
-                        .map(|(a, b)| (a - b).abs())
-                        .fold(0f32, f32::max);
-                    assert!(
-                        error < 1e-5 * c_in as f32,
-                        "{tile:?} with {width:?} lanes, {store:?}: max error {error} for {g:?}"
-                    );
+                    // In this pool, and in one of 16 threads: too many for a product each, so
+                    // large products are shared out over the pool instead.
+                    for pool in [None, Some(&many_threads)] {
+                        let mut winograd = residual.clone();
+                        let mut run = || {
+                            cpu_winograd::convolve(
+                                tile,
+                                width,
+                                &mut winograd,
+                                store,
+                                operands,
+                                &g,
+                                band_floats,
+                                1,
+                            )
+                        };
+                        match pool {
+                            Some(pool) => pool.install(run),
+                            None => run(),
+                        }
+                        let error = direct
+                            .iter()
+                            .zip(&winograd)
+                            .map(|(a, b)| (a - b).abs())
+                            .fold(0f32, f32::max);
+                        assert!(
+                            error < 1e-5 * c_in as f32,
+                            "{tile:?} with {width:?} lanes, {store:?}, {pool:?}: max error {error} \
+                             for {g:?}"
+                        );
+                    }
                 }
             }
         }
