@@ -265,7 +265,7 @@ pub fn run(
     };
     let mut step_seconds = BTreeMap::new();
     // Steps share their working memory, as a generation's do.
-    let memory = crate::models::cpu_pool::keep_working_memory();
+    let memory = cpu_pool::keep_working_memory();
     for &side in &sides {
         progress(&format!("UNet step with CFG at {side}²"));
         // One latent for the [uncond, cond] contexts, as the pipeline steps with guidance.

@@ -643,9 +643,9 @@ mod tests {
 
     /// Winograd's F(2×2, 3×3) and F(4×4, 3×3) against im2col on odd sizes (partial last tiles),
     /// upsampled input, a batch, a residual, bands of one tile row, of several and of all, and
-    /// products computed one per thread and shared out over a pool of many threads; added to a residual and
-    /// written through a ReLU; with each width of vector registers this CPU has. The working
-    /// memory is kept throughout, so later cases run in buffers earlier ones left values in.
+    /// products computed one per thread and shared out over a pool of many threads; added to a
+    /// residual and written through a ReLU; with each width of vector registers this CPU has. The
+    /// working memory is kept throughout, so later cases run in buffers earlier ones left values in.
     #[test]
     fn winograd_matches_im2col() {
         let _memory = crate::models::cpu_pool::keep_working_memory();
