@@ -132,13 +132,34 @@ fn output_line<V: Lanes, const N: usize, const M: usize>(m: [V; N]) -> [V; M] {
 /// im2col's copies, nine of the input, cost the most: F(4×4, 3×3) transforms 2.25 and is 2–4×
 /// faster from 32 input channels and 64 tiles (64 → 3 at 512²: 100 → 45 ms; 128 → 3: 150–250 →
 /// 65 ms). From 3 or 4 input channels im2col is faster.
+///
+/// On a CPU whose widest vectors are AVX2's, F(4×4, 3×3) wins at 16² too, wherever its transformed
+/// weights fit in [`SMALL_F4_FLOATS`]: there the transformed weights go to memory past the caches
+/// as well (AVX2 Zen 3, two cores, batch 2, alternating, best of 20: 640, 1280 → 1280 channels
+/// 24.5 and 43.0 ms against F(2×2, 3×3)'s 26.1 and 49.8 ms).
 pub fn choose(g: &Geometry) -> Option<Tile> {
+    choose_for(g, Width::widest())
+}
+
+/// Floats of transformed weights up to which [`choose_for`] takes F(4×4, 3×3) over F(2×2, 3×3)
+/// at 16² on AVX2: 256 MiB, a little more than F(2×2, 3×3)'s for the largest convolution of
+/// Stable Diffusion's 16² blocks (200 MiB for 2560 → 1280 channels), so a 512² generation's memory
+/// peak does not grow. Above it (1920 and 2560 → 1280), F(4×4, 3×3) was faster as well (67 and 86 ms against 79
+/// and 100 ms) but raised a UNet step's peak by 240 MB.
+pub const SMALL_F4_FLOATS: usize = 1 << 26;
+
+/// [`choose`] on a CPU whose widest vectors are `width`.
+pub fn choose_for(g: &Geometry, width: Width) -> Option<Tile> {
     let [h, w] = g.output_size();
     let channels = g.channels_in.min(g.channels_out);
     let tiles = |m: usize| g.batch * h.div_ceil(m) * w.div_ceil(m);
     if g.kernel != 3 || g.padding != 1 {
         None
-    } else if tiles(4) < 64 && tiles(2) >= 64 && channels >= 320 {
+    } else if tiles(4) < 64
+        && tiles(2) >= 64
+        && channels >= 320
+        && (width != Width::Avx || 36 * g.channels_in * g.channels_out > SMALL_F4_FLOATS)
+    {
         Some(Tile::F2)
     } else if (tiles(4) >= 32 && channels >= 128)
         || (tiles(4) >= 64 && channels >= 64)
@@ -194,8 +215,10 @@ vectorized! {
     /// One output channel's weights `w` ([c_in][9]) through `transform` ([position][9]) into `u`
     /// ([position][c_in]), every element of which it writes: 16 input channels at a time, their
     /// taps turned into rows so each position is 9 multiply-adds of whole vectors. The result is
-    /// read back only after the whole layer's weights (up to 210 MB) are written, so the AVX-512
-    /// build stores it past the caches, which also saves reading each line in before writing it.
+    /// read back only after the whole layer's weights (up to 236 MB) are written, so the AVX-512
+    /// and AVX2 builds store it past the caches, which also saves reading each line in before
+    /// writing it (AVX2 Zen 3, two cores, batch 2, alternating, best of 30: 0.97, 0.92 and 0.92×
+    /// the time of a 64² 320-channel, 32² 640-channel and 16² 1280-channel convolution).
     fn transform_channel(transform: &[f32], w: &[f32], u: &mut [f32]) {
         let c_in = w.len() / 9;
         let positions = transform.len() / 9;
@@ -228,11 +251,26 @@ vectorized! {
                     };
                     continue;
                 }
+                #[cfg(target_arch = "x86_64")]
+                if FMA && block == CHANNEL_BLOCK && out.as_ptr().addr().is_multiple_of(32) {
+                    use std::arch::x86_64::{_mm256_loadu_ps, _mm256_stream_ps};
+                    let (low, high) = acc.split_at(8);
+                    #[allow(unsafe_code)]
+                    // SAFETY: `FMA` is true only in the AVX-512 and AVX2 builds, run on CPUs
+                    // that have AVX; `out` is 16 floats, 32-byte aligned as the streaming stores
+                    // need, and `low` and `high` are 8 floats each.
+                    unsafe {
+                        let out = out.as_mut_ptr();
+                        _mm256_stream_ps(out, _mm256_loadu_ps(low.as_ptr()));
+                        _mm256_stream_ps(out.add(8), _mm256_loadu_ps(high.as_ptr()));
+                    };
+                    continue;
+                }
                 out.copy_from_slice(&acc[..block]);
             }
         }
         #[cfg(target_arch = "x86_64")]
-        if WIDE {
+        if FMA {
             #[allow(unsafe_code)]
             // SAFETY: a store fence, which every x86-64 CPU has: the streamed stores are seen by
             // other threads before anything this thread stores after it.
@@ -646,5 +684,50 @@ pub fn convolve(
                 };
                 transform_output(tile, width, transform)
             });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geometry(batch: usize, side: usize, channels_in: usize, channels_out: usize) -> Geometry {
+        Geometry {
+            batch,
+            channels_in,
+            height: side,
+            width: side,
+            channels_out,
+            kernel: 3,
+            padding: 1,
+            upsample: false,
+        }
+    }
+
+    #[test]
+    fn the_tile_at_16_squared_depends_on_the_vectors_and_the_transformed_size() {
+        let sd = |c_in, c_out| geometry(2, 16, c_in, c_out);
+        for width in [Width::Portable, Width::Avx512] {
+            assert_eq!(
+                choose_for(&sd(1280, 1280), width),
+                Some(Tile::F2),
+                "{width:?}"
+            );
+        }
+        for c_in in [640, 1280] {
+            assert_eq!(choose_for(&sd(c_in, 1280), Width::Avx), Some(Tile::F4));
+        }
+        for c_in in [1920, 2560] {
+            assert!(36 * c_in * 1280 > SMALL_F4_FLOATS);
+            assert_eq!(choose_for(&sd(c_in, 1280), Width::Avx), Some(Tile::F2));
+        }
+        // Elsewhere the vectors do not matter: F(4×4, 3×3) from 64², im2col at 8².
+        for width in [Width::Portable, Width::Avx, Width::Avx512] {
+            assert_eq!(
+                choose_for(&geometry(2, 64, 320, 320), width),
+                Some(Tile::F4)
+            );
+            assert_eq!(choose_for(&geometry(2, 8, 1280, 1280), width), None);
+        }
     }
 }
