@@ -145,8 +145,8 @@ pub fn choose(g: &Geometry) -> Option<Tile> {
 /// Floats of transformed weights up to which [`choose_for`] takes F(4×4, 3×3) over F(2×2, 3×3)
 /// at 16² on AVX2: 256 MiB, a little more than F(2×2, 3×3)'s for the largest convolution of
 /// Stable Diffusion's 16² blocks (200 MiB for 2560 → 1280 channels), so a 512² generation's memory
-/// peak does not grow. Above it (1920 and 2560 → 1280), F(4×4, 3×3) was faster as well (67 and 86 ms against 79
-/// and 100 ms) but raised a UNet step's peak by 240 MB.
+/// peak does not grow. Above it (1920 and 2560 → 1280), F(4×4, 3×3) was faster as well (67 and 86
+/// ms against 79 and 100 ms) but raised a UNet step's peak by 240 MB.
 pub const SMALL_F4_FLOATS: usize = 1 << 26;
 
 /// [`choose`] on a CPU whose widest vectors are `width`.
