@@ -60,6 +60,36 @@ pub trait Lanes: Copy + Add<Output = Self> + Sub<Output = Self> + Mul<f32, Outpu
     fn interleave<const M: usize>(rows: [Self; M], out: &mut [f32]) {
         interleave_by_lane(rows, out);
     }
+
+    /// The nine taps of `WIDTH` 3×3 kernels (`kernels`: `WIDTH` runs of nine values), a tap per
+    /// register: lane `l` of tap `t` is `kernels[9·l + t]`.
+    ///
+    /// # Safety
+    /// As for [`Lanes::load`].
+    #[inline(always)]
+    unsafe fn taps(kernels: &[f32]) -> [Self; 9] {
+        let kernels = &kernels[..9 * Self::WIDTH];
+        let mut rows = [[0f32; MAX_WIDTH]; 9];
+        for (l, kernel) in kernels.chunks_exact(9).enumerate() {
+            for (row, &tap) in rows.iter_mut().zip(kernel) {
+                row[l] = tap;
+            }
+        }
+        // SAFETY: the caller's.
+        rows.map(|row| unsafe { Self::load(&row) })
+    }
+
+    /// Into the first `WIDTH` of `out`, past the caches where the CPU can: for results read back
+    /// only after more has been written than the caches hold. [`Lanes::fence`] orders them before
+    /// what the thread stores next.
+    #[inline(always)]
+    fn stream(self, out: &mut [f32]) {
+        self.store(out);
+    }
+
+    /// Makes the [`Lanes::stream`]ed stores visible to other threads before any later store.
+    #[inline(always)]
+    fn fence() {}
 }
 
 /// [`Lanes::interleave`] a lane at a time.
@@ -203,6 +233,66 @@ mod x86 {
                 }
             }
         }
+
+        /// Taps 0–7 by an 8×8 transpose in registers (unpacking pairs, then pairs of pairs, then
+        /// swapping halves), tap 8 value by value. A value at a time, the copying took about half
+        /// of the weight transform's time.
+        #[inline(always)]
+        unsafe fn taps(kernels: &[f32]) -> [Self; 9] {
+            let k = &kernels[..72];
+            // SAFETY: AVX as the caller vouches; kernel c's taps 0–7 are the eight floats from
+            // 9c, which for c ≤ 7 end at 71, inside `k`.
+            unsafe {
+                let p = k.as_ptr();
+                let mut r = [_mm256_setzero_ps(); 8];
+                for (c, r) in r.iter_mut().enumerate() {
+                    *r = _mm256_loadu_ps(p.add(9 * c));
+                }
+                // Taps (0, 1, 4, 5) and (2, 3, 6, 7) of kernels 2i and 2i + 1, alternately.
+                let mut pairs = [_mm256_setzero_ps(); 8];
+                for i in 0..4 {
+                    pairs[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+                    pairs[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+                }
+                // Taps (t, t + 4) of kernels 4h–4h + 3, for t = 0, 1, 2, 3 in quads[4h + t].
+                let mut quads = [_mm256_setzero_ps(); 8];
+                for h in 0..2 {
+                    let (a, b) = (pairs[4 * h], pairs[4 * h + 2]);
+                    let (c, d) = (pairs[4 * h + 1], pairs[4 * h + 3]);
+                    quads[4 * h] = _mm256_shuffle_ps::<0x44>(a, b);
+                    quads[4 * h + 1] = _mm256_shuffle_ps::<0xEE>(a, b);
+                    quads[4 * h + 2] = _mm256_shuffle_ps::<0x44>(c, d);
+                    quads[4 * h + 3] = _mm256_shuffle_ps::<0xEE>(c, d);
+                }
+                let mut taps = [Self(_mm256_setzero_ps()); 9];
+                for t in 0..4 {
+                    taps[t] = Self(_mm256_permute2f128_ps::<0x20>(quads[t], quads[4 + t]));
+                    taps[4 + t] = Self(_mm256_permute2f128_ps::<0x31>(quads[t], quads[4 + t]));
+                }
+                taps[8] = Self(_mm256_setr_ps(
+                    k[8], k[17], k[26], k[35], k[44], k[53], k[62], k[71],
+                ));
+                taps
+            }
+        }
+
+        #[inline(always)]
+        fn stream(self, out: &mut [f32]) {
+            let out = &mut out[..8];
+            if out.as_ptr().addr().is_multiple_of(32) {
+                // SAFETY: eight floats to write, 32-byte aligned as the instruction needs; AVX
+                // as the module notes say.
+                unsafe { _mm256_stream_ps(out.as_mut_ptr(), self.0) }
+            } else {
+                self.store(out);
+            }
+        }
+
+        #[inline(always)]
+        fn fence() {
+            // SAFETY: a store fence, which every x86-64 CPU has.
+            unsafe { _mm_sfence() }
+        }
     }
 
     impl Add for Avx {
@@ -297,6 +387,24 @@ mod x86 {
                 }
             }
         }
+
+        #[inline(always)]
+        fn stream(self, out: &mut [f32]) {
+            let out = &mut out[..16];
+            if out.as_ptr().addr().is_multiple_of(64) {
+                // SAFETY: sixteen floats to write, 64-byte aligned as the instruction needs;
+                // AVX-512F as the module notes say.
+                unsafe { _mm512_stream_ps(out.as_mut_ptr(), self.0) }
+            } else {
+                self.store(out);
+            }
+        }
+
+        #[inline(always)]
+        fn fence() {
+            // SAFETY: a store fence, which every x86-64 CPU has.
+            unsafe { _mm_sfence() }
+        }
     }
 
     impl Add for Avx512 {
@@ -350,6 +458,45 @@ mod tests {
             assert_eq!(out, expected(4), "fours");
             V::interleave([rows[0], rows[1], rows[2]], &mut out);
             assert_eq!(out[..3 * V::WIDTH], expected(3)[..], "threes");
+        }
+        check::<Portable>();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx") {
+                check::<Avx>();
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                check::<Avx512>();
+            }
+        }
+    }
+
+    /// Every lane type this CPU has gathers kernels' taps into registers, and streams values to
+    /// aligned and unaligned places, as plain copying does.
+    #[test]
+    fn taps_and_streamed_stores_match_copying() {
+        fn check<V: Lanes>() {
+            let kernels: Vec<f32> = (0..9 * V::WIDTH).map(|i| i as f32 * 0.5 - 7.0).collect();
+            // SAFETY: only called for types whose instructions the CPU has.
+            let taps = unsafe { V::taps(&kernels) };
+            for (t, tap) in taps.iter().enumerate() {
+                let mut lanes = [f32::NAN; MAX_WIDTH];
+                tap.store(&mut lanes);
+                let expected: Vec<f32> = (0..V::WIDTH).map(|l| kernels[9 * l + t]).collect();
+                assert_eq!(lanes[..V::WIDTH], expected[..], "tap {t}");
+            }
+            // Every offset from a 64-byte boundary, so aligned and unaligned stores are both
+            // taken.
+            #[repr(C, align(64))]
+            struct Aligned([f32; 2 * MAX_WIDTH]);
+            for offset in 0..MAX_WIDTH {
+                let mut out = Aligned([f32::NAN; 2 * MAX_WIDTH]);
+                taps[offset % 9].stream(&mut out.0[offset..]);
+                V::fence();
+                let expected: Vec<f32> =
+                    (0..V::WIDTH).map(|l| kernels[9 * l + offset % 9]).collect();
+                assert_eq!(out.0[offset..][..V::WIDTH], expected[..], "offset {offset}");
+            }
         }
         check::<Portable>();
         #[cfg(target_arch = "x86_64")]

@@ -16,7 +16,7 @@
 use rayon::prelude::*;
 
 use super::cpu_conv::{Geometry, Operands, Store};
-use super::cpu_gemm::{Dst, Matrix, matmul, mul_add, vectorized};
+use super::cpu_gemm::{Dst, Matrix, matmul, vectorized};
 #[cfg(target_arch = "x86_64")]
 use super::cpu_gemm::{fma_vectors, wide_vectors};
 #[cfg(target_arch = "x86_64")]
@@ -50,25 +50,6 @@ impl Tile {
     /// Positions in a transformed tile.
     fn positions(self) -> usize {
         self.size() * self.size()
-    }
-
-    /// G g for one line of the kernel (the first `size` values are used).
-    fn kernel_line(self, [a, b, c]: [f32; 3]) -> [f32; 6] {
-        match self {
-            Self::F2 => [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c, 0.0, 0.0],
-            Self::F4 => {
-                let (even, odd) = (a + c, b);
-                let (far_even, far_odd) = (a / 24.0 + c / 6.0, b / 12.0);
-                [
-                    a / 4.0,
-                    -(even + odd) / 6.0,
-                    -(even - odd) / 6.0,
-                    far_even + far_odd,
-                    far_even - far_odd,
-                    c,
-                ]
-            }
-        }
     }
 }
 
@@ -133,34 +114,25 @@ fn output_line<V: Lanes, const N: usize, const M: usize>(m: [V; N]) -> [V; M] {
 /// faster from 32 input channels and 64 tiles (64 → 3 at 512²: 100 → 45 ms; 128 → 3: 150–250 →
 /// 65 ms). From 3 or 4 input channels im2col is faster.
 ///
-/// On a CPU whose widest vectors are AVX2's, F(4×4, 3×3) wins at 16² too, wherever its transformed
-/// weights fit in [`SMALL_F4_FLOATS`]: there the transformed weights go to memory past the caches
-/// as well (AVX2 Zen 3, two cores, batch 2, alternating, best of 20: 640, 1280 → 1280 channels
-/// 24.5 and 43.0 ms against F(2×2, 3×3)'s 26.1 and 49.8 ms), and F(2×2, 3×3) wins at 8² (1280
-/// and 2560 → 1280 channels: 0.88× im2col's time at best, 0.81–0.82× in the median).
+/// On a CPU whose widest vectors are AVX2's, F(4×4, 3×3) wins at 16² too: there its few tiles
+/// have each block of output channels' weights transformed just before their products
+/// ([`FUSED_TILES`]), so they never go to memory (AVX2 Zen 3, two cores, batch 2, alternating,
+/// best of 8: 1280, 1920 and 2560 → 1280 channels 44.7, 67.2 and 90.7 ms against F(2×2, 3×3)'s
+/// 45.1, 67.8 and 101.1 ms), and F(2×2, 3×3) wins at 8² (1280 and 2560 → 1280 channels: 0.88×
+/// im2col's time at best, 0.81–0.82× in the median, before its weights too were transformed a block
+/// at a time).
 pub fn choose(g: &Geometry) -> Option<Tile> {
     choose_for(g, Width::widest())
 }
-
-/// Floats of transformed weights up to which [`choose_for`] takes F(4×4, 3×3) over F(2×2, 3×3)
-/// at 16² on AVX2: 256 MiB, a little more than F(2×2, 3×3)'s for the largest convolution of
-/// Stable Diffusion's 16² blocks (200 MiB for 2560 → 1280 channels), so a 512² generation's memory
-/// peak does not grow. Above it (1920 and 2560 → 1280), F(4×4, 3×3) was faster as well (67 and 86
-/// ms against 79 and 100 ms) but raised a UNet step's peak by 240 MB.
-pub const SMALL_F4_FLOATS: usize = 1 << 26;
 
 /// [`choose`] on a CPU whose widest vectors are `width`.
 pub fn choose_for(g: &Geometry, width: Width) -> Option<Tile> {
     let [h, w] = g.output_size();
     let channels = g.channels_in.min(g.channels_out);
     let tiles = |m: usize| g.batch * h.div_ceil(m) * w.div_ceil(m);
-    if g.kernel != 3 || g.padding != 1 {
+    if g.kernel != 3 || g.padding != 1 || g.stride != 1 {
         None
-    } else if tiles(4) < 64
-        && tiles(2) >= 64
-        && channels >= 320
-        && (width != Width::Avx || 36 * g.channels_in * g.channels_out > SMALL_F4_FLOATS)
-    {
+    } else if tiles(4) < 64 && tiles(2) >= 64 && channels >= 320 && width != Width::Avx {
         Some(Tile::F2)
     } else if (tiles(4) >= 32 && channels >= 128)
         || (tiles(4) >= 64 && channels >= 64)
@@ -175,24 +147,16 @@ pub fn choose_for(g: &Geometry, width: Width) -> Option<Tile> {
 }
 
 /// G g Gᵀ for every (output, input) channel pair into `u`, laid out [c_out][position][c_in] so that
-/// each position's matrix is a strided [c_out × c_in] view. The transform is linear in the nine
-/// taps: each position is a fixed combination of them, the transform of each unit kernel.
-fn transform_weights(tile: Tile, weight: &[f32], c_out: usize, c_in: usize, u: &mut [f32]) {
-    let (n, positions) = (tile.size(), tile.positions());
-    let mut transform = vec![0f32; positions * 9];
-    for tap in 0..9 {
-        let unit: [f32; 9] = std::array::from_fn(|k| if k == tap { 1.0 } else { 0.0 });
-        // G g: a column of `n` for each kernel column.
-        let columns: [[f32; 6]; 3] =
-            std::array::from_fn(|col| tile.kernel_line([unit[col], unit[3 + col], unit[6 + col]]));
-        // (G g) Gᵀ: each row of G g through G again.
-        for row in 0..n {
-            let line = tile.kernel_line([columns[0][row], columns[1][row], columns[2][row]]);
-            for (col, &v) in line[..n].iter().enumerate() {
-                transform[(row * n + col) * 9 + tap] = v;
-            }
-        }
-    }
+/// each position's matrix is a strided [c_out × c_in] view.
+fn transform_weights(
+    tile: Tile,
+    width: Width,
+    weight: &[f32],
+    c_out: usize,
+    c_in: usize,
+    u: &mut [f32],
+) {
+    let positions = tile.positions();
     assert_eq!(weight.len(), c_out * c_in * 9, "3×3 weights");
     assert_eq!(
         u.len(),
@@ -201,84 +165,123 @@ fn transform_weights(tile: Tile, weight: &[f32], c_out: usize, c_in: usize, u: &
     );
     u.par_chunks_mut(positions * c_in)
         .zip(weight.par_chunks_exact(c_in * 9))
-        .for_each(|(u, w)| transform_channel(&transform, w, u));
+        .for_each(|(u, weight)| {
+            let transform = WeightTiles {
+                weight,
+                u,
+                stream: true,
+            };
+            transform_weight(tile, width, transform)
+        });
 }
 
-/// Input channels per block of [`transform_channel`]: one 16-wide vector.
-const CHANNEL_BLOCK: usize = 16;
+/// G g for one line of `N` kernels' taps (a kernel column, or a row of G g): `N` values, 4 for
+/// F(2×2, 3×3), 6 for F(4×4, 3×3).
+#[inline(always)]
+fn kernel_line<V: Lanes, const N: usize>([a, b, c]: [V; 3]) -> [V; N] {
+    if N == 4 {
+        let line = [a, (a + b + c) * 0.5, (a - b + c) * 0.5, c];
+        exactly(&line)
+    } else {
+        // Multiplications by 1/6 rather than divisions, which take several times as long.
+        const SIXTH: f32 = 1.0 / 6.0;
+        let (even, odd) = (a + c, b);
+        let (far_even, far_odd) = ((a * 0.25 + c) * SIXTH, b * (0.5 * SIXTH));
+        let line = [
+            a * 0.25,
+            (even + odd) * -SIXTH,
+            (even - odd) * -SIXTH,
+            far_even + far_odd,
+            far_even - far_odd,
+            c,
+        ];
+        exactly(&line)
+    }
+}
 
-/// A block of input channels' taps, one tap per row.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Taps([[f32; CHANNEL_BLOCK]; 9]);
+/// Floats in a cache line.
+const CACHE_LINE_FLOATS: usize = 16;
 
-vectorized! {
-    /// One output channel's weights `w` ([c_in][9]) through `transform` ([position][9]) into `u`
-    /// ([position][c_in]), every element of which it writes: 16 input channels at a time, their
-    /// taps turned into rows so each position is 9 multiply-adds of whole vectors. The result is
-    /// read back only after the whole layer's weights (up to 236 MB) are written, so the AVX-512
-    /// and AVX2 builds store it past the caches, which also saves reading each line in before
-    /// writing it (AVX2 Zen 3, two cores, batch 2, alternating, best of 30: 0.97, 0.92 and 0.92×
-    /// the time of a 64² 320-channel, 32² 640-channel and 16² 1280-channel convolution).
-    fn transform_channel(transform: &[f32], w: &[f32], u: &mut [f32]) {
-        let c_in = w.len() / 9;
-        let positions = transform.len() / 9;
-        assert_eq!(u.len(), positions * c_in, "transformed weights' size");
-        let mut taps = Taps([[0.0; CHANNEL_BLOCK]; 9]);
-        for start in (0..c_in).step_by(CHANNEL_BLOCK) {
-            let block = CHANNEL_BLOCK.min(c_in - start);
-            for (j, kernel) in w[start * 9..][..block * 9].chunks_exact(9).enumerate() {
-                for (row, &tap) in taps.0.iter_mut().zip(kernel) {
-                    row[j] = tap;
+/// G g Gᵀ for one output channel's kernels (`weight`: [c_in][9]) into `u` ([position][c_in]),
+/// every element of which it writes, [`Lanes::WIDTH`] input channels at a time: their taps
+/// turned into registers ([`Lanes::taps`]), G down each kernel column and then along each row
+/// of the result. With `stream`, the result goes past the caches ([`Lanes::stream`]): it is read
+/// back only after the whole layer's weights (up to 236 MB) are written, and streaming also saves
+/// reading each line in before writing it (AVX2 Zen 3, two cores, batch 2, alternating, best of
+/// 30: 0.97, 0.92 and 0.92× the time of a 64² 320-channel, 32² 640-channel and 16² 1280-channel
+/// convolution).
+struct WeightTiles<'a> {
+    weight: &'a [f32],
+    u: &'a mut [f32],
+    stream: bool,
+}
+
+impl Transform for WeightTiles<'_> {
+    #[inline(always)]
+    #[allow(unsafe_code)]
+    unsafe fn run<V: Lanes, const M: usize, const N: usize>(self) {
+        let Self { weight, u, stream } = self;
+        let c_in = weight.len() / 9;
+        assert_eq!(u.len(), N * N * c_in, "transformed weights' size");
+        let width = V::WIDTH;
+        // Registers per cache line: each line of `u` is written whole before the next, which a
+        // streamed store needs to leave the core as one write (halves of 32-byte lines written
+        // 36 stores apart took 3× as long).
+        let per_line = (CACHE_LINE_FLOATS / width).max(1);
+        for start in (0..c_in).step_by(per_line * width) {
+            // G g for each register's channels: column `col` of the kernels through G.
+            let mut columns = [[[unsafe { V::splat(0.0) }; N]; 3]; 2];
+            let mut lanes = [0; 2];
+            for (r, columns) in columns[..per_line].iter_mut().enumerate() {
+                let first = (start + r * width).min(c_in);
+                lanes[r] = width.min(c_in - first);
+                let kernels = &weight[first * 9..][..lanes[r] * 9];
+                // SAFETY (both): the caller's.
+                let g = if lanes[r] == width {
+                    unsafe { V::taps(kernels) }
+                } else {
+                    let mut whole = [0f32; 9 * MAX_WIDTH];
+                    whole[..kernels.len()].copy_from_slice(kernels);
+                    unsafe { V::taps(&whole) }
+                };
+                for (col, column) in columns.iter_mut().enumerate() {
+                    *column = kernel_line([g[col], g[3 + col], g[6 + col]]);
                 }
             }
-            for (p, t) in transform.chunks_exact(9).enumerate() {
-                let mut acc = [0f32; CHANNEL_BLOCK];
-                for (row, &t) in taps.0.iter().zip(t) {
-                    for j in 0..CHANNEL_BLOCK {
-                        acc[j] = mul_add::<FMA>(t, row[j], acc[j]);
+            for row in 0..N {
+                // Row `row` of G g through G: positions (row, 0..N).
+                let mut lines = [[unsafe { V::splat(0.0) }; N]; 2];
+                for (line, c) in lines.iter_mut().zip(&columns[..per_line]) {
+                    *line = kernel_line([c[0][row], c[1][row], c[2][row]]);
+                }
+                for col in 0..N {
+                    let out = &mut u[(row * N + col) * c_in + start..];
+                    for (r, line) in lines[..per_line].iter().enumerate() {
+                        if lanes[r] == 0 {
+                            break;
+                        }
+                        let out = &mut out[r * width..];
+                        if lanes[r] < width {
+                            line[col].store_first(out, lanes[r]);
+                        } else if stream {
+                            line[col].stream(out);
+                        } else {
+                            line[col].store(out);
+                        }
                     }
                 }
-                let out = &mut u[p * c_in + start..][..block];
-                #[cfg(target_arch = "x86_64")]
-                if WIDE && block == CHANNEL_BLOCK && out.as_ptr().addr().is_multiple_of(64) {
-                    use std::arch::x86_64::{_mm512_loadu_ps, _mm512_stream_ps};
-                    #[allow(unsafe_code)]
-                    // SAFETY: `WIDE` is true only in the AVX-512 build, run on CPUs that have
-                    // it; `out` is 16 floats, 64-byte aligned as the streaming store needs, and
-                    // `acc` is 16 floats.
-                    unsafe {
-                        _mm512_stream_ps(out.as_mut_ptr().cast(), _mm512_loadu_ps(acc.as_ptr()))
-                    };
-                    continue;
-                }
-                #[cfg(target_arch = "x86_64")]
-                if FMA && block == CHANNEL_BLOCK && out.as_ptr().addr().is_multiple_of(32) {
-                    use std::arch::x86_64::{_mm256_loadu_ps, _mm256_stream_ps};
-                    let (low, high) = acc.split_at(8);
-                    #[allow(unsafe_code)]
-                    // SAFETY: `FMA` is true only in the AVX-512 and AVX2 builds, run on CPUs
-                    // that have AVX; `out` is 16 floats, 32-byte aligned as the streaming stores
-                    // need, and `low` and `high` are 8 floats each.
-                    unsafe {
-                        let out = out.as_mut_ptr();
-                        _mm256_stream_ps(out, _mm256_loadu_ps(low.as_ptr()));
-                        _mm256_stream_ps(out.add(8), _mm256_loadu_ps(high.as_ptr()));
-                    };
-                    continue;
-                }
-                out.copy_from_slice(&acc[..block]);
             }
         }
-        #[cfg(target_arch = "x86_64")]
-        if FMA {
-            #[allow(unsafe_code)]
-            // SAFETY: a store fence, which every x86-64 CPU has: the streamed stores are seen by
-            // other threads before anything this thread stores after it.
-            unsafe {
-                std::arch::x86_64::_mm_sfence()
-            };
+        if stream {
+            V::fence();
         }
+    }
+}
+
+vectorized! {
+    /// [`WeightTiles`] with the widest [`Lanes`] type the CPU and `width` allow.
+    fn transform_weight(tile: Tile, width: Width, transform: WeightTiles<'_>) {
+        dispatch::<_, FMA, WIDE>(transform, tile, width)
     }
 }
 
@@ -586,6 +589,19 @@ const PRODUCTS_PER_THREAD: usize = 4;
 /// transformed weights, up to 36 × 2560 × 1280 floats, for every band of tiles.
 pub const MIN_TILES: usize = 256;
 
+/// Tiles in a product below which each block of output channels' weights is transformed just
+/// before its products ([`FUSED_CHANNELS`]) rather than the whole layer's first. With few tiles
+/// the products are narrow and the weight transform, written out and read back through memory, is
+/// as much work as they are: AVX2 Zen 3, two cores, batch 2 (32 tiles), alternating, best of 7:
+/// 8² convolutions of 1280 and 2560 → 1280 channels by F(2×2, 3×3) took 0.92× and 0.78× the time,
+/// 16² ones by F(4×4, 3×3) 0.93–1.0×. From 128 tiles (16² by F(2×2, 3×3), 32² and 64²) the
+/// blocks took 1.1–1.25× as long: each block's products are narrower than the whole layer's.
+pub const FUSED_TILES: usize = 64;
+
+/// Output channels per block where [`FUSED_TILES`] says so: 96, a whole number of the `gemm`
+/// crate's 6-wide blocks of them (48 and 144 measured slower).
+const FUSED_CHANNELS: usize = 96;
+
 /// `output = relu?(conv(input) + bias (+ output))` by `tile` for a geometry [`choose`] accepts;
 /// `band_floats` bounds each of the two transformed buffers unless that would leave fewer than
 /// `min_tiles` tiles per product. The images of a batch share each band, so their tiles share its
@@ -606,14 +622,18 @@ pub fn convolve(
     let (m, positions) = (tile.output(), tile.positions());
     let plane_in = g.height * g.width;
     let plane_out = out_h * out_w;
-    let mut u = cpu_pool::floats(c_out * positions * c_in);
-    transform_weights(tile, operands.weight, c_out, c_in, &mut u);
     let tiles_w = out_w.div_ceil(m);
     let tile_rows = out_h.div_ceil(m);
     let row_tiles = g.batch * tiles_w;
     let band = (band_floats / (positions * c_in.max(c_out) * row_tiles))
         .max(min_tiles.div_ceil(row_tiles))
         .clamp(1, tile_rows);
+    // Each block's weights are transformed once only where one band holds every tile.
+    let fused = band == tile_rows && row_tiles * tile_rows < FUSED_TILES;
+    let mut u = cpu_pool::floats(if fused { 0 } else { c_out * positions * c_in });
+    if !fused {
+        transform_weights(tile, width, operands.weight, c_out, c_in, &mut u);
+    }
     // Both written in full for each band before they are read.
     let mut v = cpu_pool::floats(positions * c_in * band * row_tiles);
     let mut p = cpu_pool::floats(positions * c_out * band * row_tiles);
@@ -640,14 +660,35 @@ pub fn convolve(
                     transform_input(tile, width, transform);
                 }
             });
-        let weights =
-            |position: usize| Matrix::new(&u[position * c_in..], c_out, c_in, positions * c_in);
         let inputs =
             |position: usize| Matrix::new(&v[position * total..], c_in, total, positions * total);
         // Where channel c's products for position q start, and the step between positions.
         let one_per_thread = 2 * c_in * c_out * total < SHARED_PRODUCT_FLOPS
             || positions >= PRODUCTS_PER_THREAD * rayon::current_num_threads();
-        let (channel_step, position_step) = if one_per_thread {
+        let (channel_step, position_step) = if fused {
+            // Laid out [c_out][position][tile]: a block of output channels per thread, its
+            // transformed weights ([channel][position][c_in]) in the cache for its products.
+            p.par_chunks_mut(FUSED_CHANNELS * positions * total)
+                .zip(operands.weight.par_chunks(FUSED_CHANNELS * c_in * 9))
+                .for_each(|(p, weight)| {
+                    let channels = weight.len() / (c_in * 9);
+                    let mut u = cpu_pool::floats(channels * positions * c_in);
+                    let per_channel = u.chunks_exact_mut(positions * c_in);
+                    for (u, weight) in per_channel.zip(weight.chunks_exact(c_in * 9)) {
+                        let stream = false;
+                        transform_weight(tile, width, WeightTiles { weight, u, stream });
+                    }
+                    for position in 0..positions {
+                        let lhs =
+                            Matrix::new(&u[position * c_in..], channels, c_in, positions * c_in);
+                        let (p, rhs) = (&mut p[position * total..], inputs(position));
+                        matmul(p, positions * total, Dst::Overwrite, lhs, rhs, 1.0, false);
+                    }
+                });
+            (positions * total, total)
+        } else if one_per_thread {
+            let weights =
+                |position: usize| Matrix::new(&u[position * c_in..], c_out, c_in, positions * c_in);
             // Laid out [position][c_out][tile]: one product per thread, the positions side by side.
             p.par_chunks_mut(c_out * total)
                 .enumerate()
@@ -659,9 +700,17 @@ pub fn convolve(
         } else {
             // Laid out [c_out][position][tile]: each product shared out over the pool.
             for position in 0..positions {
-                let (lhs, rhs) = (weights(position), inputs(position));
+                let lhs = Matrix::new(&u[position * c_in..], c_out, c_in, positions * c_in);
                 let p = &mut p[position * total..];
-                matmul(p, positions * total, Dst::Overwrite, lhs, rhs, 1.0, true);
+                matmul(
+                    p,
+                    positions * total,
+                    Dst::Overwrite,
+                    lhs,
+                    inputs(position),
+                    1.0,
+                    true,
+                );
             }
             (positions * total, total)
         };
@@ -701,12 +750,13 @@ mod tests {
             channels_out,
             kernel: 3,
             padding: 1,
+            stride: 1,
             upsample: false,
         }
     }
 
     #[test]
-    fn small_maps_tiles_depend_on_the_vectors_and_the_transformed_size() {
+    fn small_maps_tiles_depend_on_the_vectors() {
         let sd = |c_in, c_out| geometry(2, 16, c_in, c_out);
         for width in [Width::Portable, Width::Avx512] {
             assert_eq!(
@@ -715,12 +765,8 @@ mod tests {
                 "{width:?}"
             );
         }
-        for c_in in [640, 1280] {
+        for c_in in [640, 1280, 1920, 2560] {
             assert_eq!(choose_for(&sd(c_in, 1280), Width::Avx), Some(Tile::F4));
-        }
-        for c_in in [1920, 2560] {
-            assert!(36 * c_in * 1280 > SMALL_F4_FLOATS);
-            assert_eq!(choose_for(&sd(c_in, 1280), Width::Avx), Some(Tile::F2));
         }
         // At 8², F(2×2, 3×3) with AVX2 and im2col otherwise, and im2col for a single image.
         assert_eq!(
