@@ -598,7 +598,7 @@ mod tests {
     }
 
     #[test]
-    fn strided_upsampling_and_dilated_convolutions_are_left_to_burn() {
+    fn upsampled_strided_and_dilated_convolutions_are_left_to_burn() {
         let device = Device::flex();
         let x = Tensor::<4>::zeros([1, 4, 8, 8], &device);
         let strided = layers::conv2d([4, 4], 3, 2, 1, true, &device);

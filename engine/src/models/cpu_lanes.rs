@@ -84,12 +84,31 @@ pub trait Lanes: Copy + Add<Output = Self> + Sub<Output = Self> + Mul<f32, Outpu
     /// what the thread stores next.
     #[inline(always)]
     fn stream(self, out: &mut [f32]) {
+        let out = &mut out[..Self::WIDTH];
+        if out.as_ptr().addr().is_multiple_of(4 * Self::WIDTH) {
+            self.stream_aligned(out);
+        } else {
+            self.store(out);
+        }
+    }
+
+    /// [`Lanes::stream`] into `out`, whose first `WIDTH` floats start on a multiple of their size
+    /// (as the x86-64 instructions need).
+    #[inline(always)]
+    fn stream_aligned(self, out: &mut [f32]) {
         self.store(out);
     }
 
-    /// Makes the [`Lanes::stream`]ed stores visible to other threads before any later store.
+    /// Makes the [`Lanes::stream`]ed stores visible to other threads before any later store: a
+    /// store fence on x86-64 (part of its baseline SSE), nothing elsewhere.
     #[inline(always)]
-    fn fence() {}
+    fn fence() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: SSE, which every x86-64 CPU has.
+        unsafe {
+            std::arch::x86_64::_mm_sfence()
+        }
+    }
 }
 
 /// [`Lanes::interleave`] a lane at a time.
@@ -277,21 +296,11 @@ mod x86 {
         }
 
         #[inline(always)]
-        fn stream(self, out: &mut [f32]) {
+        fn stream_aligned(self, out: &mut [f32]) {
             let out = &mut out[..8];
-            if out.as_ptr().addr().is_multiple_of(32) {
-                // SAFETY: eight floats to write, 32-byte aligned as the instruction needs; AVX
-                // as the module notes say.
-                unsafe { _mm256_stream_ps(out.as_mut_ptr(), self.0) }
-            } else {
-                self.store(out);
-            }
-        }
-
-        #[inline(always)]
-        fn fence() {
-            // SAFETY: a store fence, which every x86-64 CPU has.
-            unsafe { _mm_sfence() }
+            assert!(out.as_ptr().addr().is_multiple_of(32), "32-byte aligned");
+            // SAFETY: 8 aligned floats to write, as the instruction needs; AVX (module notes).
+            unsafe { _mm256_stream_ps(out.as_mut_ptr(), self.0) }
         }
     }
 
@@ -389,21 +398,11 @@ mod x86 {
         }
 
         #[inline(always)]
-        fn stream(self, out: &mut [f32]) {
+        fn stream_aligned(self, out: &mut [f32]) {
             let out = &mut out[..16];
-            if out.as_ptr().addr().is_multiple_of(64) {
-                // SAFETY: sixteen floats to write, 64-byte aligned as the instruction needs;
-                // AVX-512F as the module notes say.
-                unsafe { _mm512_stream_ps(out.as_mut_ptr(), self.0) }
-            } else {
-                self.store(out);
-            }
-        }
-
-        #[inline(always)]
-        fn fence() {
-            // SAFETY: a store fence, which every x86-64 CPU has.
-            unsafe { _mm_sfence() }
+            assert!(out.as_ptr().addr().is_multiple_of(64), "64-byte aligned");
+            // SAFETY: 16 aligned floats to write, as the instruction needs; AVX-512F (module notes).
+            unsafe { _mm512_stream_ps(out.as_mut_ptr(), self.0) }
         }
     }
 
@@ -439,6 +438,22 @@ mod x86 {
 mod tests {
     use super::*;
 
+    /// `check::<V>()` for every lane type whose instructions this CPU has.
+    macro_rules! for_each_lane_type {
+        ($check:ident) => {{
+            $check::<Portable>();
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx") {
+                    $check::<Avx>();
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    $check::<Avx512>();
+                }
+            }
+        }};
+    }
+
     /// Every lane type this CPU has interleaves pairs and fours as lane-at-a-time copying does.
     #[test]
     fn interleaving_matches_lane_by_lane() {
@@ -459,16 +474,7 @@ mod tests {
             V::interleave([rows[0], rows[1], rows[2]], &mut out);
             assert_eq!(out[..3 * V::WIDTH], expected(3)[..], "threes");
         }
-        check::<Portable>();
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx") {
-                check::<Avx>();
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                check::<Avx512>();
-            }
-        }
+        for_each_lane_type!(check);
     }
 
     /// Every lane type this CPU has gathers kernels' taps into registers, and streams values to
@@ -498,15 +504,6 @@ mod tests {
                 assert_eq!(out.0[offset..][..V::WIDTH], expected[..], "offset {offset}");
             }
         }
-        check::<Portable>();
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx") {
-                check::<Avx>();
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                check::<Avx512>();
-            }
-        }
+        for_each_lane_type!(check);
     }
 }
