@@ -351,7 +351,9 @@ fn im2col(
                 let src = &plane[(y - p) / s * g.width..][..g.width];
                 dst[..lo].fill(0.0);
                 dst[hi..].fill(0.0);
-                if step > 1 {
+                if lo == hi {
+                    continue;
+                } else if step > 1 {
                     let first = step * lo + kx - p;
                     let values = src[first..].iter().step_by(step);
                     for (d, &x) in dst[lo..hi].iter_mut().zip(values) {
@@ -537,6 +539,9 @@ mod tests {
             (1, 16, 24, 33, 32, 3, 1, false, true, false, true, 2),
             (1, 3, 4, 7, 10, 3, 0, false, false, false, false, 2),
             (1, 5, 6, 12, 12, 5, 2, false, true, false, false, 3),
+            // Rows and columns that only padding reaches for the outer taps.
+            (1, 2, 3, 1, 1, 5, 2, false, true, false, false, 1),
+            (1, 2, 3, 1, 2, 5, 2, false, true, false, false, 2),
             (2, 32, 16, 16, 16, 3, 1, false, true, false, false, 2),
             // Five bands of rows.
             (1, 128, 8, 130, 129, 3, 1, false, true, true, false, 2),

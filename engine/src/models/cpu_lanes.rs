@@ -75,8 +75,13 @@ pub trait Lanes: Copy + Add<Output = Self> + Sub<Output = Self> + Mul<f32, Outpu
                 row[l] = tap;
             }
         }
-        // SAFETY: the caller's.
-        rows.map(|row| unsafe { Self::load(&row) })
+        // SAFETY (both): the caller's. A loop, not `map`: a closure is compiled without the
+        // caller's instructions.
+        let mut taps = [unsafe { Self::splat(0.0) }; 9];
+        for (tap, row) in taps.iter_mut().zip(&rows) {
+            *tap = unsafe { Self::load(row) };
+        }
+        taps
     }
 
     /// Into the first `WIDTH` of `out`, past the caches where the CPU can: for results read back
