@@ -52,8 +52,9 @@ impl Geometry {
     /// Height and width of the output.
     pub fn output_size(&self) -> [usize; 2] {
         let s = self.scale();
+        let stride = self.stride.max(1);
         [self.height, self.width]
-            .map(|d| (d * s + 2 * self.padding - self.kernel) / self.stride.max(1) + 1)
+            .map(|d| (d * s + 2 * self.padding + stride - self.kernel) / stride)
     }
 
     fn is_pointwise(&self) -> bool {

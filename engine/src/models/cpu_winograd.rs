@@ -132,7 +132,7 @@ pub fn choose_for(g: &Geometry, width: Width) -> Option<Tile> {
     let tiles = |m: usize| g.batch * h.div_ceil(m) * w.div_ceil(m);
     if g.kernel != 3 || g.padding != 1 || g.stride != 1 {
         None
-    } else if tiles(4) < 64 && tiles(2) >= 64 && channels >= 320 && width != Width::Avx {
+    } else if tiles(4) < FUSED_TILES && tiles(2) >= 64 && channels >= 320 && width != Width::Avx {
         Some(Tile::F2)
     } else if (tiles(4) >= 32 && channels >= 128)
         || (tiles(4) >= 64 && channels >= 64)
