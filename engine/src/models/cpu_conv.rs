@@ -719,8 +719,11 @@ mod tests {
             // Products large enough to be shared out over the pool one position at a time.
             (4, 256, 256, 20, 32, false, 1 << 24),
             // Few enough tiles for weights transformed a block of output channels at a time
-            // (also (2, 40, 33, 18, 17) by F(4×4, 3×3)): two whole blocks and part of one.
+            // (also (2, 40, 33, 18, 17) by F(4×4, 3×3)): three whole blocks and part of one.
             (2, 21, 200, 6, 5, false, 1 << 20),
+            // ... and a slice of input channels at a time, whose products add up: 192, 192 and
+            // 66 by F(4×4, 3×3), 432 and 18 by F(2×2, 3×3).
+            (2, 450, 70, 4, 4, false, 1 << 20),
         ] {
             let g = Geometry {
                 batch,
