@@ -114,9 +114,12 @@ impl std::ops::DerefMut for Lanes {
     }
 }
 
-/// Whether this kernel pays off: enough keys that the products dominate.
+/// Whether this kernel pays off over Burn's attention: from 64 × 64 scores a head. On Stable
+/// Diffusion 1.5's smaller attentions with a CFG batch (two AVX2 cores, best of 10), it took
+/// 0.49× Burn's time for 32² cross-attention (1024 queries, 77 keys), 0.62× for 16²
+/// self-attention and 0.65–0.67× for 16² cross-attention and 8² self- and cross-attention.
 pub fn worthwhile(queries: usize, keys: usize) -> bool {
-    queries * keys >= 256 * 1024
+    queries * keys >= 64 * 64
 }
 
 /// softmax(Q Kᵀ / √d) V for every head, read where the projections put it and written the same
