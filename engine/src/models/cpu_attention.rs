@@ -17,11 +17,11 @@
 //! (CFG batch, 8 heads of 40 channels), the same time within the noise at 32², and 1.04–1.07× on
 //! the VAE's single 512-channel head at 64², whose 8 MiB of keys a group of tiles reads together.
 //! The softmax's exponentials took about a fifth of the time at 64², where a head has only 40
-//! multiply-adds per score in each product: the scores are now in powers of two (log₂e folded into
-//! the queries' scale, so 2ˣ needs no reduction by ln 2 and a degree-5 fit), four rows at a time,
-//! and they take an eighth (SD 1.5's 64² self-attention with a CFG batch on two AVX2 cores, best of
-//! five, alternate runs: 300–307 → 270–280 ms; whole 512² steps 0.95–0.97× the time). Burn's fused CPU kernel reaches about a third of the
-//! machine's matrix-multiply rate there. On a CPU with AVX-512 the panels grow to 12 keys and 8–12
+//! multiply-adds per score in each product: the scores are now in powers of two (log₂e folded
+//! into the queries' scale, so 2ˣ needs no reduction by ln 2 and a degree-5 fit), four rows at a
+//! time, and they take an eighth (SD 1.5's 64² self-attention with a CFG batch on two AVX2 cores,
+//! best of five, alternate runs: 300–307 → 270–280 ms; whole 512² steps 0.95–1.0× the time, 0.97× in the median).
+//! Burn's fused CPU kernel reaches about a third of the machine's matrix-multiply rate there. On a CPU with AVX-512 the panels grow to 12 keys and 8–12
 //! value channels (see [`Panels`]): 0.72–0.92× the time of 6 and 5 at 64², side by side, and
 //! 140–180 GFLOP/s on two cores. There, too, two tiles run through each panel together, so every
 //! value broadcast from a panel feeds two multiply-adds, and each tile's lanes sit on cache lines

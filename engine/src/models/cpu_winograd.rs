@@ -677,8 +677,6 @@ pub fn convolve(
         let one_per_thread = 2 * c_in * c_out * total < SHARED_PRODUCT_FLOPS
             || positions >= PRODUCTS_PER_THREAD * rayon::current_num_threads();
         let (channel_step, position_step) = if fused {
-            // Laid out [c_out][position][tile]: a block of output channels per thread, its
-            // transformed weights ([channel][position][c_in]) in the cache for its products.
             // Laid out [c_out][position][tile]: a block of output channels per thread, and a
             // slice of its input channels at a time, whose transformed weights
             // ([channel][position][input]) are in the cache for their products.
@@ -691,11 +689,11 @@ pub fn convolve(
                     let channels = weight.len() / (c_in * 9);
                     let mut u = cpu_pool::floats(channels * positions * chunk);
                     for first in (0..c_in).step_by(chunk) {
-                        let inputs = chunk.min(c_in - first);
-                        let u = &mut u[..channels * positions * inputs];
-                        let per_channel = u.chunks_exact_mut(positions * inputs);
+                        let slice = chunk.min(c_in - first);
+                        let u = &mut u[..channels * positions * slice];
+                        let per_channel = u.chunks_exact_mut(positions * slice);
                         for (u, weight) in per_channel.zip(weight.chunks_exact(c_in * 9)) {
-                            let weight = &weight[first * 9..][..inputs * 9];
+                            let weight = &weight[first * 9..][..slice * 9];
                             let stream = false;
                             transform_weight(tile, width, WeightTiles { weight, u, stream });
                         }
@@ -706,14 +704,14 @@ pub fn convolve(
                         };
                         for position in 0..positions {
                             let lhs = Matrix::new(
-                                &u[position * inputs..],
+                                &u[position * slice..],
                                 channels,
-                                inputs,
-                                positions * inputs,
+                                slice,
+                                positions * slice,
                             );
                             let rhs = Matrix::new(
                                 &v[(first * positions + position) * total..],
-                                inputs,
+                                slice,
                                 total,
                                 positions * total,
                             );
