@@ -671,8 +671,11 @@ pub fn convolve(
                     transform_input(tile, width, transform);
                 }
             });
-        let inputs =
-            |position: usize| Matrix::new(&v[position * total..], c_in, total, positions * total);
+        // Position `position`'s transformed tiles of input channels `first..first + count`.
+        let inputs = |position: usize, first: usize, count: usize| {
+            let start = (first * positions + position) * total;
+            Matrix::new(&v[start..], count, total, positions * total)
+        };
         // Where channel c's products for position q start, and the step between positions.
         let one_per_thread = 2 * c_in * c_out * total < SHARED_PRODUCT_FLOPS
             || positions >= PRODUCTS_PER_THREAD * rayon::current_num_threads();
@@ -709,12 +712,7 @@ pub fn convolve(
                                 slice,
                                 positions * slice,
                             );
-                            let rhs = Matrix::new(
-                                &v[(first * positions + position) * total..],
-                                slice,
-                                total,
-                                positions * total,
-                            );
+                            let rhs = inputs(position, first, slice);
                             let p = &mut p[position * total..];
                             matmul(p, positions * total, mode, lhs, rhs, 1.0, false);
                         }
@@ -728,7 +726,7 @@ pub fn convolve(
             p.par_chunks_mut(c_out * total)
                 .enumerate()
                 .for_each(|(position, p)| {
-                    let (lhs, rhs) = (weights(position), inputs(position));
+                    let (lhs, rhs) = (weights(position), inputs(position, 0, c_in));
                     matmul(p, total, Dst::Overwrite, lhs, rhs, 1.0, false)
                 });
             (total, c_out * total)
@@ -742,7 +740,7 @@ pub fn convolve(
                     positions * total,
                     Dst::Overwrite,
                     lhs,
-                    inputs(position),
+                    inputs(position, 0, c_in),
                     1.0,
                     true,
                 );
