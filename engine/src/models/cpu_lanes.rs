@@ -196,6 +196,17 @@ mod x86 {
     #[derive(Clone, Copy)]
     pub struct Avx(__m256);
 
+    /// A mask of AVX's first `lanes` lanes (all of them from 8).
+    #[inline(always)]
+    fn first_lanes(lanes: usize) -> __m256i {
+        // SAFETY: AVX as the module notes say.
+        unsafe {
+            let index = _mm256_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0);
+            let below = _mm256_cmp_ps::<_CMP_LT_OQ>(index, _mm256_set1_ps(lanes as f32));
+            _mm256_castps_si256(below)
+        }
+    }
+
     impl Lanes for Avx {
         const WIDTH: usize = 8;
 
@@ -217,6 +228,29 @@ mod x86 {
             let out = &mut out[..8];
             // SAFETY: eight floats to write; AVX as the module notes say.
             unsafe { _mm256_storeu_ps(out.as_mut_ptr(), self.0) }
+        }
+
+        /// One masked load: a copy of a variable length is a library call.
+        #[inline(always)]
+        unsafe fn load_first(values: &[f32], lanes: usize) -> Self {
+            let values = &values[..lanes.min(8)];
+            // SAFETY: the masked load reads only the lanes below `values.len()`, which are in
+            // `values`; AVX as the caller vouches.
+            unsafe {
+                Self(_mm256_maskload_ps(
+                    values.as_ptr(),
+                    first_lanes(values.len()),
+                ))
+            }
+        }
+
+        /// One masked store: a copy of a variable length is a library call.
+        #[inline(always)]
+        fn store_first(self, out: &mut [f32], lanes: usize) {
+            let out = &mut out[..lanes.min(8)];
+            // SAFETY: the masked store writes only the lanes below `out.len()`, which are in
+            // `out`; AVX as the module notes say.
+            unsafe { _mm256_maskstore_ps(out.as_mut_ptr(), first_lanes(out.len()), self.0) }
         }
 
         /// Transposes in registers for a pair or four: unpacking pairs of lanes, then swapping
@@ -457,6 +491,32 @@ mod tests {
                 }
             }
         }};
+    }
+
+    /// A register's first lanes load from and store into a slice just that long, the other lanes
+    /// loading as zeros and the floats past it left alone.
+    #[test]
+    fn first_lanes_stay_inside_their_slice() {
+        fn check<V: Lanes>() {
+            let values: Vec<f32> = (1..=V::WIDTH).map(|i| i as f32).collect();
+            for lanes in 0..=V::WIDTH {
+                // SAFETY: only called for types whose instructions the CPU has.
+                let x = unsafe { V::load_first(&values[..lanes], lanes) };
+                let mut all = [f32::NAN; MAX_WIDTH];
+                x.store(&mut all);
+                let loaded: Vec<f32> = (0..V::WIDTH)
+                    .map(|l| if l < lanes { values[l] } else { 0.0 })
+                    .collect();
+                assert_eq!(all[..V::WIDTH], loaded[..], "{lanes} lanes loaded");
+                let mut out = vec![-1.0; V::WIDTH + 1];
+                x.store_first(&mut out, lanes);
+                let stored: Vec<f32> = (0..=V::WIDTH)
+                    .map(|l| if l < lanes { values[l] } else { -1.0 })
+                    .collect();
+                assert_eq!(out, stored, "{lanes} lanes stored");
+            }
+        }
+        for_each_lane_type!(check);
     }
 
     /// Every lane type this CPU has interleaves pairs and fours as lane-at-a-time copying does.
