@@ -22,6 +22,7 @@ use super::cpu_gemm::{fma_vectors, wide_vectors};
 #[cfg(target_arch = "x86_64")]
 use super::cpu_lanes::{Avx, Avx512};
 use super::cpu_lanes::{Lanes, MAX_WIDTH, Portable};
+use super::cpu_narrow;
 use super::cpu_pool;
 
 /// Which minimal filtering algorithm.
@@ -696,6 +697,7 @@ const FUSED_CHANNELS: usize = 64;
 /// convolutions of 1280 and 2560 → 1280 channels by F(4×4, 3×3) took 0.80–0.84× the time of
 /// 96-channel blocks transformed whole, 8² ones by F(2×2, 3×3) 0.88–1.0× (16.5 → 15.9 ms and
 /// 35.4 → 31.4 ms); blocks of 48 and 96 channels with the same slices were within 3% of 64.
+/// With the products of [`cpu_narrow`], slices of 96 and 48 channels were within 3% of 192.
 const FUSED_FLOATS: usize = 64 * 36 * 192;
 
 /// `output = relu?(conv(input) + bias (+ output))` by `tile` for a geometry [`choose`] accepts;
@@ -730,6 +732,15 @@ pub fn convolve(
     if !fused {
         transform_weights(tile, width, operands.weight, c_out, c_in, &mut u);
     }
+    // Input channels whose products are made at a time where weights are transformed a block of
+    // output channels at a time: a slice ([`FUSED_FLOATS`]).
+    let slice = if fused {
+        (FUSED_FLOATS / (FUSED_CHANNELS * positions))
+            .next_multiple_of(CACHE_LINE_FLOATS)
+            .min(c_in)
+    } else {
+        1
+    };
     // Both written in full for each band before they are read.
     let mut v = cpu_pool::floats(positions * c_in * band * row_tiles);
     let mut p = cpu_pool::floats(positions * c_out * band * row_tiles);
@@ -740,26 +751,36 @@ pub fn convolve(
         let total = g.batch * tiles;
         let v = &mut v[..positions * c_in * total];
         let p = &mut p[..positions * c_out * total];
-        v.par_chunks_mut(positions * total)
+        // Laid out [slice][position][channel][tile]: each slice of input channels' tiles for one
+        // position together, which the products of a slice read; a channel at a time (laid out
+        // [channel][position][tile]) where every product reads all channels.
+        v.par_chunks_mut(slice * positions * total)
             .enumerate()
-            .for_each(|(c, v)| {
-                for image in 0..g.batch {
-                    let plane = &operands.input[(image * c_in + c) * plane_in..][..plane_in];
-                    let transform = InputTiles {
-                        v: &mut v[image * tiles..],
-                        stride: total,
-                        plane,
-                        g,
-                        top,
-                        rows,
-                    };
-                    transform_input(tile, width, transform);
+            .for_each(|(s, v)| {
+                let channels = v.len() / (positions * total);
+                for c in 0..channels {
+                    for image in 0..g.batch {
+                        let channel = s * slice + c;
+                        let plane = &operands.input[(image * c_in + channel) * plane_in..];
+                        let transform = InputTiles {
+                            v: &mut v[c * total + image * tiles..],
+                            stride: channels * total,
+                            plane: &plane[..plane_in],
+                            g,
+                            top,
+                            rows,
+                        };
+                        transform_input(tile, width, transform);
+                    }
                 }
             });
-        // Position `position`'s transformed tiles of input channels `first..first + count`.
+        // Position `position`'s transformed tiles of input channels `first..first + count`, all
+        // in one slice unless slices are single channels.
         let inputs = |position: usize, first: usize, count: usize| {
-            let start = (first * positions + position) * total;
-            Matrix::new(&v[start..], count, total, positions * total)
+            let channels = slice.min(c_in - first);
+            let start = (first * positions + position * channels) * total;
+            let row_stride = if slice == 1 { positions } else { 1 } * total;
+            Matrix::new(&v[start..], count, total, row_stride)
         };
         // Where channel c's products for position q start, and the step between positions.
         let one_per_thread = 2 * c_in * c_out * total < SHARED_PRODUCT_FLOPS
@@ -768,16 +789,14 @@ pub fn convolve(
             // Laid out [c_out][position][tile]: a block of output channels per thread, and a
             // slice of its input channels at a time, whose transformed weights
             // ([channel][position][input]) are in the cache for their products.
-            let chunk = (FUSED_FLOATS / (FUSED_CHANNELS * positions))
-                .next_multiple_of(CACHE_LINE_FLOATS)
-                .min(c_in);
+            let narrow = width == Width::Avx && cpu_narrow::available();
             p.par_chunks_mut(FUSED_CHANNELS * positions * total)
                 .zip(operands.weight.par_chunks(FUSED_CHANNELS * c_in * 9))
                 .for_each(|(p, weight)| {
                     let channels = weight.len() / (c_in * 9);
-                    let mut u = cpu_pool::floats(channels * positions * chunk);
-                    for first in (0..c_in).step_by(chunk) {
-                        let slice = chunk.min(c_in - first);
+                    let mut u = cpu_pool::floats(channels * positions * slice);
+                    for first in (0..c_in).step_by(slice) {
+                        let slice = slice.min(c_in - first);
                         let u = &mut u[..channels * positions * slice];
                         let per_channel = u.chunks_exact_mut(positions * slice);
                         let segment = |o: usize| match o < channels {
@@ -807,7 +826,11 @@ pub fn convolve(
                             );
                             let rhs = inputs(position, first, slice);
                             let p = &mut p[position * total..];
-                            matmul(p, positions * total, mode, lhs, rhs, 1.0, false);
+                            if narrow {
+                                cpu_narrow::product(p, positions * total, mode, lhs, rhs);
+                            } else {
+                                matmul(p, positions * total, mode, lhs, rhs, 1.0, false);
+                            }
                         }
                     }
                 });

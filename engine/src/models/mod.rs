@@ -8,6 +8,7 @@ pub mod cpu_conv;
 pub mod cpu_gemm;
 pub mod cpu_lanes;
 pub mod cpu_linear;
+pub mod cpu_narrow;
 pub mod cpu_norm;
 pub mod cpu_pool;
 pub mod cpu_winograd;
