@@ -11,7 +11,7 @@
 //! AVX2 Zen 3, two cores, batch 2, alternating, best of 20 in two to three runs, against `gemm`
 //! on the earlier layout: 8² convolutions of 1280 and 2560 → 1280 channels 13.2–13.3 → 12.6–12.9
 //! ms and 26.4 → 24.5–25.0 ms, 16² ones of 1280 → 1280 channels 30.1–30.3 → 28.9–29.4 ms; a 512²
-//! UNet step 0.98× the time in the median (6.63 against 6.80 s, nine steps each).
+//! UNet step 0.97× the time in the median (6.62 against 6.80 s, nine steps each).
 //!
 //! [`cpu_winograd::convolve`]: super::cpu_winograd::convolve
 
