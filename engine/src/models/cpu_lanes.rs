@@ -179,6 +179,8 @@ impl Mul<f32> for Portable {
 }
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) use x86::first_lanes;
+#[cfg(target_arch = "x86_64")]
 pub use x86::{Avx, Avx512};
 
 #[cfg(target_arch = "x86_64")]
@@ -197,9 +199,12 @@ mod x86 {
     pub struct Avx(__m256);
 
     /// A mask of AVX's first `lanes` lanes (all of them from 8).
+    ///
+    /// # Safety
+    /// The CPU has AVX.
     #[inline(always)]
-    fn first_lanes(lanes: usize) -> __m256i {
-        // SAFETY: AVX as the module notes say.
+    pub(crate) unsafe fn first_lanes(lanes: usize) -> __m256i {
+        // SAFETY: AVX, as the caller vouches.
         unsafe {
             let index = _mm256_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0);
             let below = _mm256_cmp_ps::<_CMP_LT_OQ>(index, _mm256_set1_ps(lanes as f32));

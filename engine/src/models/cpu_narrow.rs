@@ -78,16 +78,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::ROWS;
-
-    /// A mask of the first `lanes` of 8.
-    #[inline(always)]
-    unsafe fn first(lanes: usize) -> __m256i {
-        // SAFETY: AVX, as the caller vouches.
-        unsafe {
-            let index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-            _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), index)
-        }
-    }
+    use crate::models::cpu_lanes::first_lanes;
 
     /// # Safety
     /// The CPU has AVX2 and FMA; the pointers reach every row the sizes and strides say, and the
@@ -161,15 +152,14 @@ mod x86 {
         // SAFETY: the caller's. Loads and stores of a whole register stay below column
         // `t + lanes`; the last register of a partial block is masked to its lanes.
         unsafe {
-            let last = first(lanes - 8 * (V - 1));
-            let whole = !MASKED;
+            let last = first_lanes(lanes - 8 * (V - 1));
             let weights = n.weights.add(o * n.weights_stride);
             let mut tiles = n.tiles.add(t);
             let mut sums = [[_mm256_setzero_ps(); V]; R];
             for k in 0..n.depth {
                 let mut x = [_mm256_setzero_ps(); V];
                 for (v, x) in x.iter_mut().enumerate() {
-                    *x = if whole || v + 1 < V {
+                    *x = if !MASKED || v + 1 < V {
                         _mm256_loadu_ps(tiles.add(8 * v))
                     } else {
                         _mm256_maskload_ps(tiles.add(8 * v), last)
@@ -187,7 +177,7 @@ mod x86 {
                 let row = n.out.add((o + r) * n.out_stride + t);
                 for (v, &sum) in sums.iter().enumerate() {
                     let at = row.add(8 * v);
-                    if whole || v + 1 < V {
+                    if !MASKED || v + 1 < V {
                         let sum = if n.accumulate {
                             _mm256_add_ps(_mm256_loadu_ps(at), sum)
                         } else {
