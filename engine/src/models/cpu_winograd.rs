@@ -214,6 +214,8 @@ fn prefetch(values: &[f32]) {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
         _mm_prefetch::<_MM_HINT_T0>(values.as_ptr().cast());
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = values;
 }
 
 /// G g Gᵀ for one output channel's kernels (`weight`: [c_in][9]) into `u` ([position][c_in]),
@@ -255,18 +257,15 @@ impl WeightTiles<'_> {
         // SAFETY: the caller's.
         let zero = unsafe { V::splat(0.0) };
         for start in (0..whole).step_by(step) {
-            let channels = start * 9..(start + step) * 9;
-            if let Some(next) = self.next.get(channels.clone()) {
+            let taps = start * 9..(start + step) * 9;
+            if let Some(next) = self.next.get(taps.clone()) {
                 for line in next.chunks(CACHE_LINE_FLOATS) {
                     prefetch(line);
                 }
             }
             // G g for each register's channels: column `col` of the kernels through G.
             let mut columns = [[[zero; N]; 3]; R];
-            for (kernels, columns) in self.weight[channels]
-                .chunks_exact(9 * width)
-                .zip(&mut columns)
-            {
+            for (kernels, columns) in self.weight[taps].chunks_exact(9 * width).zip(&mut columns) {
                 // SAFETY: the caller's.
                 let g = unsafe { V::taps(kernels) };
                 for (col, column) in columns.iter_mut().enumerate() {
@@ -314,7 +313,7 @@ impl Transform for WeightTiles<'_> {
             1
         };
         let whole = c_in - c_in % (per_line * width);
-        // SAFETY (all three): the caller's.
+        // SAFETY (both): the caller's.
         match per_line {
             1 => unsafe { self.whole::<V, N, 1>(whole) },
             2 => unsafe { self.whole::<V, N, 2>(whole) },
@@ -326,6 +325,7 @@ impl Transform for WeightTiles<'_> {
             stream,
             next: _,
         } = self;
+        // SAFETY: the caller's.
         let zero = unsafe { V::splat(0.0) };
         // The last channels, in registers of fewer lanes.
         for start in (whole..c_in).step_by(per_line * width) {
@@ -335,10 +335,10 @@ impl Transform for WeightTiles<'_> {
             for (r, columns) in columns[..per_line].iter_mut().enumerate() {
                 let first = (start + r * width).min(c_in);
                 lanes[r] = width.min(c_in - first);
-                let mut whole = [0f32; 9 * MAX_WIDTH];
-                whole[..lanes[r] * 9].copy_from_slice(&weight[first * 9..][..lanes[r] * 9]);
+                let mut padded = [0f32; 9 * MAX_WIDTH];
+                padded[..lanes[r] * 9].copy_from_slice(&weight[first * 9..][..lanes[r] * 9]);
                 // SAFETY: the caller's.
-                let g = unsafe { V::taps(&whole) };
+                let g = unsafe { V::taps(&padded) };
                 for (col, column) in columns.iter_mut().enumerate() {
                     *column = kernel_line([g[col], g[3 + col], g[6 + col]]);
                 }
@@ -799,9 +799,13 @@ pub fn convolve(
                         let slice = slice.min(c_in - first);
                         let u = &mut u[..channels * positions * slice];
                         let per_channel = u.chunks_exact_mut(positions * slice);
-                        let segment = |o: usize| match o < channels {
-                            true => &weight[(o * c_in + first) * 9..][..slice * 9],
-                            false => &[][..],
+                        // Output channel o's kernels of this slice; none past the block.
+                        let segment = |o: usize| {
+                            if o < channels {
+                                &weight[(o * c_in + first) * 9..][..slice * 9]
+                            } else {
+                                &[][..]
+                            }
                         };
                         for (o, u) in per_channel.enumerate() {
                             let transform = WeightTiles {
