@@ -20,9 +20,10 @@
 //! multiply-adds per score in each product: the scores are now in powers of two (log₂e folded
 //! into the queries' scale, so 2ˣ needs no reduction by ln 2 and a degree-5 fit), four rows at a
 //! time, and they take an eighth (SD 1.5's 64² self-attention with a CFG batch on two AVX2 cores,
-//! best of five, alternate runs: 300–307 → 270–280 ms; whole 512² steps 0.95–1.0× the time, 0.97× in the median).
-//! Burn's fused CPU kernel reaches about a third of the machine's matrix-multiply rate there. On a CPU with AVX-512 the panels grow to 12 keys and 8–12
-//! value channels (see [`Panels`]): 0.72–0.92× the time of 6 and 5 at 64², side by side, and
+//! best of five, alternate runs: 300–307 → 270–280 ms; whole 512² steps 0.95–1.0× the time,
+//! 0.97× in the median). Burn's fused CPU kernel reaches about a third of the machine's
+//! matrix-multiply rate there. On a CPU with AVX-512 the panels grow to 12 keys and 8–12 value
+//! channels (see [`Panels`]): 0.72–0.92× the time of 6 and 5 at 64², side by side, and
 //! 140–180 GFLOP/s on two cores. There, too, two tiles run through each panel together, so every
 //! value broadcast from a panel feeds two multiply-adds, and each tile's lanes sit on cache lines
 //! of their own: with both, 0.62–0.93× the time at 64² and 0.69–0.85× at 32² (alternate runs, best
