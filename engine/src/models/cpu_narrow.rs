@@ -211,13 +211,12 @@ mod tests {
             return;
         }
         let value = |i: usize| ((i * 7919 % 1009) as f32 - 504.0) / 504.0;
-        for (channels, columns, depth) in [
-            (64, 32, 192),
-            (13, 21, 7),
-            (7, 13, 5),
-            (5, 16, 3),
-            (1, 3, 1),
-        ] {
+        // Up to 13 channels: every remainder of rows after whole blocks of six. Columns of one
+        // and two whole registers, of a partial one alone and after whole ones.
+        let small = (1..=13).flat_map(|channels| {
+            [3, 8, 13, 16, 21, 24].map(|columns| (channels, columns, 1 + channels % 5))
+        });
+        for (channels, columns, depth) in [(64, 32, 192)].into_iter().chain(small) {
             let (weights_stride, tiles_stride, out_stride) = (depth + 5, columns + 3, columns + 2);
             let weights: Vec<f32> = (0..channels * weights_stride).map(value).collect();
             let tiles: Vec<f32> = (0..depth * tiles_stride).map(|i| value(i + 11)).collect();
